@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine: `make demo` (the main job) and `make test`.
+# Both depend on `make setup`, which is idempotent: it reinstalls only when the lock file or pyproject change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and exact: the local CPU wheel. An unpinned torch would pull a multi-GB CUDA build.
+	$(VENV)/bin/pip install --disable-pip-version-check -q torch==2.13.0
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements.lock
+	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/easyanimate generate --model tiny --frames 9 --height 64 --width 64 --steps 5 \
+		--prompt "a red kite flies over a green hill on a sunny day" --out outputs/demo.mp4
+	@echo "demo video: outputs/demo.mp4"
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check easyanimate tests bench
+
+bench: setup
+	$(PY) bench/vae_decode_memory.py
+
+clean:
+	rm -rf outputs .pytest_cache

