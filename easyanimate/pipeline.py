@@ -218,6 +218,8 @@ class EasyAnimatePipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be positive multiples of {m}, got {height}x{width}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if getattr(self.scheduler.config, "skip_prk_steps", True) is False and num_inference_steps < 4:
+            raise ValueError(f"the PNDM sampler needs at least 4 steps (its Runge-Kutta warm-up), got {num_inference_steps}")
         max_len = self.transformer.config.motion_module_kwargs.get("temporal_position_encoding_max_len", 4096)
         if self.latent_frames(num_frames) > max_len:
             raise ValueError(f"{num_frames} frames give {self.latent_frames(num_frames)} latent frames, more than the "

@@ -44,7 +44,7 @@ def spiece_dir(tmp_path_factory) -> Path:
              "video of people walking in a city street at night cars lights rain camera moves slowly").split()
     sentences = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 4
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=120,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=50,
                                    model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    character_coverage=1.0, minloglevel=2)
     folder = tmp_path_factory.mktemp("spiece")

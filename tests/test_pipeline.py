@@ -49,8 +49,11 @@ def test_every_sampler_runs(tiny_pipe, sampler):
     try:
         tiny_pipe.scheduler = make_scheduler(sampler)
         assert tiny_pipe.scheduler.config.steps_offset == 1 and tiny_pipe.scheduler.config.beta_end == 0.02
-        video = _run(tiny_pipe)
+        video = _run(tiny_pipe, num_inference_steps=4 if sampler == "PNDM" else 2)
         assert torch.isfinite(video).all()
+        if sampler == "PNDM":
+            with pytest.raises(ValueError, match="at least 4 steps"):
+                _run(tiny_pipe, num_inference_steps=2)
     finally:
         tiny_pipe.scheduler = scheduler
 
@@ -156,3 +159,25 @@ def test_build_checks_caption_width(tiny_config):
         tiny_config.model.transformer, caption_channels=99))
     with pytest.raises(ValueError, match="caption_channels=99"):
         build_pipeline(bad)
+
+
+def test_text_encoder_fp16_variant_and_spiece_tokenizer(spiece_dir, tmp_path):
+    """The release keeps T5 as fp16 shards (`model.fp16-*.safetensors`) and the tokenizer as a bare spiece.model."""
+    from transformers import T5Config, T5EncoderModel
+
+    from easyanimate.models.text_encoder import hidden_size, load_text_encoder
+
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4))
+    (tmp_path / "text_encoder").mkdir()
+    t5.half().save_pretrained(tmp_path / "text_encoder", variant="fp16", safe_serialization=True)
+    assert not (tmp_path / "text_encoder" / "model.safetensors").exists()
+    import shutil
+
+    shutil.copytree(spiece_dir, tmp_path / "tokenizer")
+    tok, enc = load_text_encoder(tmp_path, torch_dtype=torch.float32)
+    assert hidden_size(enc) == 16 and enc.dtype == torch.float32
+    ids = tok(["a cat"], padding="max_length", max_length=120, return_tensors="pt")
+    assert ids.input_ids.shape == (1, 120)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text_encoder(tmp_path / "missing")

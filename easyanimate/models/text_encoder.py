@@ -63,6 +63,10 @@ def load_encoder(folder: str | Path, torch_dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(str(folder))
     cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
     kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    plain = any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
+    fp16_only = any(folder.glob("model.fp16*.safetensors")) or (folder / "model.safetensors.index.fp16.json").is_file()
+    if not plain and fp16_only:
+        kwargs["variant"] = "fp16"  # the PixArt/EasyAnimate release stores T5 only as fp16 shards
     model = cls.from_pretrained(str(folder), use_safetensors=True, **kwargs)
     return model.eval()
 
