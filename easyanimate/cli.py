@@ -156,6 +156,38 @@ def sample_data(
     typer.echo(str(write_sample_dataset(out, include_iscc=iscc)))
 
 
+ResumeOpt = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to resume from")
+
+
+@app.command("train-vae")
+def train_vae_cmd(
+    data: Path = typer.Option(..., "--data", help="meta JSON of the training clips"),
+    output: Path = typer.Option(..., "--output", "-o", help="run folder: checkpoints/ and final/"),
+    resume: str | None = ResumeOpt,
+    preset: str = PresetOpt,
+    overrides: list[str] | None = SetOpt,
+) -> None:
+    """Train (or fine-tune) the MagViT VAE; writes a VAE folder to OUTPUT/final."""
+    from .train.vae import train_vae
+
+    typer.echo(json.dumps(train_vae(_config(preset, overrides), data, output, resume=resume)))
+
+
+@app.command("train-dit")
+def train_dit_cmd(
+    data: Path = typer.Option(..., "--data", help="meta JSON of the training clips/images"),
+    output: Path = typer.Option(..., "--output", "-o", help="run folder: checkpoints/ and final/"),
+    lora: bool = typer.Option(False, "--lora", help="train a LoRA instead of the full transformer"),
+    resume: str | None = ResumeOpt,
+    preset: str = PresetOpt,
+    overrides: list[str] | None = SetOpt,
+) -> None:
+    """Train the DiT (full or LoRA); writes a pipeline folder (or lora.safetensors) to OUTPUT/final."""
+    from .train.dit import train_dit
+
+    typer.echo(json.dumps(train_dit(_config(preset, overrides), data, output, resume=resume, lora=lora)))
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app(args=argv if argv is not None else sys.argv[1:], prog_name="easyanimate")

@@ -162,6 +162,67 @@ class DataConfig:
     seed: int = 42
 
 
+# --- train ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    """VAE training (V2's MagViT recipe: L1 + L2 + KL + perceptual + hinge GAN with 2D and 3D discriminators)."""
+
+    init_from: str = ""  # a VAE folder (or pipeline folder) to start from; empty = the model.vae shapes, random
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.5  # V2: Adam(0.5, 0.9) for autoencoder and discriminators
+    adam_beta2: float = 0.9
+    l1_weight: float = 1.0
+    l2_weight: float = 0.1
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0  # LPIPS-style; needs perceptual_model (no weights ship offline)
+    perceptual_model: str = ""  # local path of the perceptual network weights
+    disc_start: int = 50001  # step at which the GAN losses switch on
+    disc_weight: float = 0.5
+    disc_3d: bool = True  # also train the 3D (video) discriminator
+    num_frames: int = 9  # frames per training clip (V2: 9)
+    disc_channels: int = 64  # width of the 2D PatchGAN's first conv (V2: 64; doubles per layer, capped at 8x)
+    disc_layers: int = 3  # stride-2 conv layers of the 2D PatchGAN (V2: 3)
+    disc_3d_channels: tuple[int, ...] = (64, 128, 256)  # widths of the 3D discriminator (V2: 64, 128, 256)
+    sample_posterior: bool = True  # decode a posterior draw while training (V2), not its mean
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Shared training knobs (V2's train_t2iv.sh values as defaults) and the DiT/LoRA specifics."""
+
+    max_steps: int = 1000
+    learning_rate: float = 2e-5
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers get_scheduler name
+    lr_warmup_steps: int = 100
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 3e-2
+    adam_epsilon: float = 1e-10
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16 (V2 trains in bf16 on GPU)
+    gradient_checkpointing: bool = False
+    trainable_modules: tuple[str, ...] = ("transformer_blocks", "proj_out", "pos_embed", "long_connect_fc")
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 3  # keep the last K checkpoints
+    validation_steps: int = 500
+    log_every: int = 10
+    seed: int = 42
+    cache_text_embeddings: bool = True  # frozen text encoder runs once per caption, not every step
+    cache_latents: bool = False  # also cache VAE latents (fixes the frame sampling per clip)
+    num_train_timesteps: int = 1000
+    lora_rank: int = 128  # V2 LoRA: rank 128, alpha 64, on every Linear incl. motion modules
+    lora_alpha: float = 64.0
+    lora_learning_rate: float = 1e-4
+    sample_prompts: tuple[str, ...] = ()  # prompts rendered to MP4 at each validation (empty = generate.prompt)
+    sample_steps: int = 10
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+
+
 # --- preprocess -------------------------------------------------------------------------------------------------------
 
 
@@ -174,6 +235,7 @@ class SceneConfig:
     frame_skips: tuple[int, ...] = (0, 1, 2)  # frame_skip of each pass (paired with thresholds)
     min_scene_len: int = 10  # frames; cuts closer than this are merged
     adaptive_threshold: float = 3.0  # AdaptiveDetector adaptive_threshold
+    verify: bool = True  # keep a candidate cut only if its frame jump stands out of the local background
     crf: int = 18  # H.264 quality of the written clips
 
 
@@ -256,6 +318,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     name: str = "custom"  # the preset this came from
 
     def to_dict(self) -> dict[str, Any]:

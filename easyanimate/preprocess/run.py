@@ -216,15 +216,18 @@ def _process_image(rel, path, out, cfg, result, timed, sidecar, captioner):
 
 def _process_video(rel, path, out, cfg, result, timed, sidecar, captioner):
     from .filters import check_format, middle_frame, run_filters
-    from .scenes import detect_cuts, plan_segments, write_clips
+    from .scenes import plan_segments, scan_cuts, write_clips
 
     info = timed("read", probe_video, path)
-    n, fps = info["num_frames"], info["fps"]
-    if n < 1 or not fps:
-        raise ValueError(f"expected a video with frames and a frame rate, got {n} frames at {fps} fps")
+    if not info["fps"]:
+        raise ValueError(f"expected a video with a frame rate, got {info['fps']}")
+    scan = timed("scene", scan_cuts, path, cfg.scene, verify=cfg.scene.verify)
+    n, fps = scan.num_frames, info["fps"]  # the decoded count: container headers may over-count
+    if n < 1:
+        raise ValueError("expected a video with frames, decoded none")
+    info = {**info, "num_frames": n}
     result["input_seconds"] = n / fps
-    cuts = timed("scene", detect_cuts, path, cfg.scene)
-    segments = plan_segments(cuts, n, fps, cfg.min_seconds, cfg.max_seconds)
+    segments = plan_segments(scan.cuts, n, fps, cfg.min_seconds, cfg.max_seconds)
     clip_name = lambda s: f"{rel}[{s.start}:{s.end}]"  # noqa: E731
 
     source_format = check_format(info, cfg)

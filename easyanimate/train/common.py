@@ -1,0 +1,550 @@
+"""What every trainer shares: the accelerator, safetensors checkpoints with exact resume, progress and meters.
+
+Public API (stable; ``train/vae.py`` and ``train/dit.py`` use it)::
+
+    setup_accelerator(train_cfg, output, *, log_with=None) -> Accelerator
+        mixed precision and gradient accumulation from ``TrainConfig``; gloo process group on CPU; per-rank seed
+        ``train_cfg.seed + process_index`` (python, numpy, torch); ``output`` created by the main process.
+
+    save_checkpoint(output, step, *, models, optimizers, schedulers, ema=None, extra=None, accelerator=None,
+                    keep_last, trainable_only=False) -> Path
+        writes ``output/checkpoints/checkpoint-<step>/`` atomically (temp folder + rename); every rank must call it
+        (RNG states are gathered from all ranks); only rank 0 writes; all ranks leave together. Prunes to the last
+        ``keep_last`` checkpoints (``keep_last <= 0`` keeps all) and removes stale temp folders of killed runs.
+        ``trainable_only``: store only the parameters with ``requires_grad`` (e.g. a LoRA; the frozen rest comes back
+        from where the model was built).
+
+    load_checkpoint(path, *, models, optimizers, schedulers, ema=None, accelerator=None) -> dict
+        restores everything ``save_checkpoint`` wrote (weights, optimizer, LR scheduler, EMA, this rank's RNG states)
+        and returns ``extra``.
+
+    latest_checkpoint(output) -> Path | None          newest complete ``checkpoint-<step>`` folder
+    resolve_resume(output, resume) -> Path | None       None/"" → None; "latest" → newest or None; else that folder
+    checkpoint_step(path) -> int                        the <step> of a ``checkpoint-<step>`` folder
+
+    progress_bar(total, *, initial=0, accelerator=None, desc="train") -> tqdm   (disabled off the main process)
+    Throughput(window=20): .update(samples, tokens) per step → .samples_per_s, .tokens_per_s (sliding window)
+    latent_tokens(latent_shape, patch_size) -> int      B · F · (H/p) · (W/p): DiT tokens of a latent batch
+    grad_norm(parameters, norm_type=2.0) -> float       total norm of the existing gradients
+
+Checkpoint layout (safetensors + JSON only: no pickles, no ``torch.save``)::
+
+    checkpoint-<step>/
+      checkpoint.json                    step, world size, what is stored where
+      extra.json                         the trainer's ``extra`` (step, epoch, data position, resolved config, …)
+      <model>/config.json                (diffusers/ConfigMixin models) so the folder loads with ``from_pretrained``
+      <model>/diffusion_pytorch_model.safetensors | <model>/model.safetensors
+      optimizer-<name>.safetensors/.json optimizer tensors (flattened) + the non-tensor structure
+      scheduler-<name>.safetensors/.json LR-scheduler state
+      <name>_ema/ema.safetensors/.json   diffusers ``EMAModel`` state (shadow params + decay settings)
+      rng/rank-<r>.safetensors/.json     per rank: torch CPU/CUDA states (uint8 tensors); numpy and python states (JSON)
+
+Nested states (optimizer/scheduler/EMA/RNG) go through one tree codec: tensors → safetensors entries named by their
+path, everything else → JSON, with tuples, non-string dict keys and numpy arrays tagged so they round-trip exactly.
+
+Under DeepSpeed the model/optimizer objects are DeepSpeed's; weights and RNG round-trip, the ZeRO-partitioned optimizer
+state is saved per rank (``optimizer-<name>.rank-<r>``) and loaded back on the same world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-checkpoint-"
+FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# accelerator
+
+
+def setup_accelerator(train_cfg, output: str | Path, *, log_with=None):
+    """An ``Accelerator`` for ``TrainConfig``: mixed precision, gradient accumulation, gloo on CPU, per-rank seeds.
+
+    Launched without ``accelerate launch`` (one process) an earlier ``Accelerator`` of this process is forgotten first,
+    so several runs with different precisions can share a process (tests, notebooks).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        try:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+        except Exception:  # noqa: BLE001 - private API; a fresh process does not need it
+            pass
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    # NCCL needs GPUs; multi-process CPU (and DeepSpeed on CPU) trains over gloo
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if use_cpu else []
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(output)),
+        kwargs_handlers=handlers,
+        log_with=log_with,
+    )
+    # different noise/timesteps per rank; the model itself is seeded separately (model.init_seed) so ranks agree
+    set_seed(int(train_cfg.seed), device_specific=True)
+    if accelerator.is_main_process:
+        Path(output).mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def _rank_world(accelerator=None) -> tuple[int, int]:
+    if accelerator is not None:
+        return int(accelerator.process_index), int(accelerator.num_processes)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(accelerator=None) -> None:
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _gather_objects(obj: Any, accelerator=None) -> list[Any]:
+    """Every rank's ``obj`` on every rank (in memory only; nothing of this reaches the disk as a pickle)."""
+    _, world = _rank_world(accelerator)
+    if world == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _unwrap(model, accelerator=None):
+    if accelerator is not None:
+        try:
+            return accelerator.unwrap_model(model)
+        except Exception:  # noqa: BLE001 - not a prepared model
+            pass
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _is_deepspeed(accelerator) -> bool:
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tree codec: nested python state <-> (JSON, {name: tensor})
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, f"{path}.key{i}"), _encode(v, tensors, f"{path}.{k}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state at {path!r}: expected tensors, numbers, strings, lists, tuples or dicts, "
+                    f"got {type(obj).__name__}")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        if "__dtype__" in obj:
+            return getattr(torch, obj["__dtype__"])
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _safe_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses non-contiguous tensors and tensors sharing memory: copy exactly those."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else (0, id(t))
+        if not t.is_contiguous() or key in seen:
+            t = t.contiguous().clone()
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, allow_nan=True))
+
+
+def save_tree(tree: Any, folder: Path, stem: str) -> None:
+    """Write a nested state as ``stem.json`` (structure) + ``stem.safetensors`` (its tensors, if any)."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(tree, tensors, "")
+    if tensors:
+        save_file(_safe_tensors(tensors), str(folder / f"{stem}.safetensors"))
+    _write_json(folder / f"{stem}.json", encoded)
+
+
+def load_tree(folder: Path, stem: str) -> Any:
+    """Inverse of ``save_tree``."""
+    folder = Path(folder)
+    tfile = folder / f"{stem}.safetensors"
+    tensors = load_file(str(tfile)) if tfile.is_file() else {}
+    return _decode(json.loads((folder / f"{stem}.json").read_text()), tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch CPU (and CUDA) generator states."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoints_dir(output: str | Path) -> Path:
+    return Path(output) / CHECKPOINTS
+
+
+def checkpoint_step(path: str | Path) -> int:
+    m = _CKPT_RE.match(Path(path).name)
+    if not m:
+        raise ValueError(f"{path}: expected a folder named checkpoint-<step>")
+    return int(m.group(1))
+
+
+def list_checkpoints(output: str | Path) -> list[Path]:
+    """Complete checkpoints (renamed into place), oldest first."""
+    folder = checkpoints_dir(output)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _CKPT_RE.match(p.name) and (p / "checkpoint.json").is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    found = list_checkpoints(output)
+    return found[-1] if found else None
+
+
+def resolve_resume(output: str | Path, resume: str | os.PathLike | None) -> Path | None:
+    """``None``/``""`` → None; ``"latest"`` → the newest checkpoint under ``output`` (None when there is none);
+    anything else → that checkpoint folder (a bare ``checkpoint-<step>`` name is looked up under ``output``)."""
+    if resume is None or str(resume) == "":
+        return None
+    if str(resume) == "latest":
+        found = latest_checkpoint(output)
+        if found is None:
+            logger.info("--resume latest: no checkpoint under %s yet; starting from scratch", checkpoints_dir(output))
+        return found
+    path = Path(resume)
+    if not path.exists() and (checkpoints_dir(output) / path).is_dir():
+        path = checkpoints_dir(output) / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder; expected 'latest' or a "
+                                f"checkpoint-<step> folder (e.g. under {checkpoints_dir(output)})")
+    if not (path / "checkpoint.json").is_file():
+        raise ValueError(f"--resume {resume}: {path} is not a checkpoint (no checkpoint.json inside)")
+    return path
+
+
+def _model_state(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    if not trainable_only:
+        return dict(model.state_dict())
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_model(model: torch.nn.Module, folder: Path, trainable_only: bool) -> dict[str, Any]:
+    folder.mkdir(parents=True)
+    state = _model_state(model, trainable_only)
+    is_diffusers = hasattr(model, "save_config") and hasattr(model, "config")
+    fname = "diffusion_pytorch_model.safetensors" if is_diffusers and not trainable_only else "model.safetensors"
+    save_file(_safe_tensors(state), str(folder / fname), metadata={"format": "pt"})
+    if is_diffusers:
+        model.save_config(str(folder))
+    return {"file": f"{folder.name}/{fname}", "partial": bool(trainable_only), "tensors": len(state)}
+
+
+def _prune(output: Path, keep_last: int) -> None:
+    folder = checkpoints_dir(output)
+    for stale in folder.glob(f"{_TMP_PREFIX}*"):  # left by a killed run; we are the only writer now
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep_last > 0:
+        for old in list_checkpoints(output)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(
+    output: str | Path,
+    step: int,
+    *,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    ema: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    accelerator=None,
+    keep_last: int,
+    trainable_only: bool = False,
+) -> Path:
+    """Write ``output/checkpoints/checkpoint-<step>/`` (see the module docstring); call on every rank.
+
+    ``models`` may be prepared (DDP/DeepSpeed) modules: they are unwrapped. A failure while writing leaves no
+    ``checkpoint-<step>`` folder (and no temp folder). Returns the checkpoint folder.
+    """
+    output = Path(output)
+    rank, world = _rank_world(accelerator)
+    rng_all = _gather_objects(rng_state(), accelerator)
+    deepspeed = _is_deepspeed(accelerator)
+    opt_all = ({n: _gather_objects(o.state_dict(), accelerator) for n, o in optimizers.items()}
+               if deepspeed and world > 1 else None)
+    final = checkpoints_dir(output) / f"checkpoint-{int(step)}"
+    if rank == 0:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{_TMP_PREFIX}{int(step)}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            meta: dict[str, Any] = {"format": FORMAT_VERSION, "step": int(step), "world_size": world,
+                                    "time": time.time(), "models": {}, "optimizers": [], "schedulers": [], "ema": [],
+                                    "deepspeed": deepspeed}
+            for name, model in models.items():
+                meta["models"][name] = _save_model(_unwrap(model, accelerator), tmp / name, trainable_only)
+            for name, opt in optimizers.items():
+                if opt_all is not None:  # ZeRO: each rank holds its own partition
+                    for r, state in enumerate(opt_all[name]):
+                        save_tree(state, tmp, f"optimizer-{name}.rank-{r}")
+                else:
+                    save_tree(opt.state_dict(), tmp, f"optimizer-{name}")
+                meta["optimizers"].append(name)
+            for name, sched in schedulers.items():
+                save_tree(sched.state_dict(), tmp, f"scheduler-{name}")
+                meta["schedulers"].append(name)
+            for name, e in (ema or {}).items():
+                (tmp / f"{name}_ema").mkdir()
+                save_tree(e.state_dict(), tmp / f"{name}_ema", "ema")
+                meta["ema"].append(name)
+            (tmp / "rng").mkdir()
+            for r, state in enumerate(rng_all):
+                save_tree(state, tmp / "rng", f"rank-{r}")
+            save_tree(extra or {}, tmp, "extra")
+            _write_json(tmp / "checkpoint.json", meta)  # written last: its presence marks a complete folder
+            if final.exists():  # re-saving the same step (e.g. after a resume): swap
+                old = final.parent / f"{_TMP_PREFIX}old-{int(step)}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _prune(output, keep_last)
+    _barrier(accelerator)
+    return final
+
+
+def _load_model(model: torch.nn.Module, folder: Path, info: dict[str, Any]) -> None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors weights in this checkpoint part")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    partial = bool(info.get("partial"))
+    result = model.load_state_dict(state, strict=not partial)
+    if partial and result.unexpected_keys:
+        raise ValueError(f"{folder}: {len(result.unexpected_keys)} stored tensors match nothing in the model, e.g. "
+                         f"{result.unexpected_keys[:3]}")
+
+
+def _load_ema(e, folder: Path) -> None:
+    devices = [(s.device, s.dtype) for s in e.shadow_params]
+    state = load_tree(folder, "ema")
+    if len(state.get("shadow_params", [])) != len(devices):
+        raise ValueError(f"{folder}: EMA holds {len(state.get('shadow_params', []))} tensors, the model's EMA "
+                         f"{len(devices)}")
+    e.load_state_dict(state)
+    e.shadow_params = [s.to(device=d, dtype=t) for s, (d, t) in zip(e.shadow_params, devices)]
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    models: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    ema: dict[str, Any] | None = None,
+    accelerator=None,
+) -> dict[str, Any]:
+    """Restore a ``save_checkpoint`` folder into the given objects (every rank calls it); returns ``extra``."""
+    path = Path(path)
+    meta_path = path / "checkpoint.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (expected {meta_path})")
+    meta = json.loads(meta_path.read_text())
+    rank, world = _rank_world(accelerator)
+
+    def need(kind: str, names: Iterable[str], stored: Iterable[str]) -> None:
+        missing = sorted(set(names) - set(stored))
+        if missing:
+            raise KeyError(f"{path}: the checkpoint has no {kind} {missing}; it holds {sorted(stored)}")
+
+    need("model", models, meta["models"])
+    need("optimizer", optimizers, meta["optimizers"])
+    need("scheduler", schedulers, meta["schedulers"])
+    need("EMA", ema or {}, meta["ema"])
+    for name, model in models.items():
+        _load_model(_unwrap(model, accelerator), path / name, meta["models"][name])
+    for name, opt in optimizers.items():
+        per_rank = path / f"optimizer-{name}.rank-{rank}.json"
+        if per_rank.is_file():
+            if int(meta["world_size"]) != world:
+                raise ValueError(f"{path}: ZeRO optimizer state was saved by {meta['world_size']} ranks, this run "
+                                 f"has {world}")
+            opt.load_state_dict(load_tree(path, f"optimizer-{name}.rank-{rank}"))
+        else:
+            opt.load_state_dict(load_tree(path, f"optimizer-{name}"))
+    for name, sched in schedulers.items():
+        sched.load_state_dict(load_tree(path, f"scheduler-{name}"))
+    for name, e in (ema or {}).items():
+        _load_ema(e, path / f"{name}_ema")
+    rng_file = path / "rng" / f"rank-{rank}.json"
+    if rng_file.is_file():
+        set_rng_state(load_tree(path / "rng", f"rank-{rank}"))
+    else:
+        logger.warning("%s: no RNG state for rank %d (saved by %s ranks); this rank's RNG is not restored",
+                       path, rank, meta.get("world_size"))
+    return load_tree(path, "extra")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# progress and meters
+
+
+def progress_bar(total: int, *, initial: int = 0, accelerator=None, desc: str = "train"):
+    """A tqdm bar (steps, rate, ETA; set the loss with ``bar.set_postfix(loss=…)``), shown on the main process only."""
+    from tqdm.auto import tqdm
+
+    main = accelerator.is_main_process if accelerator is not None else _rank_world()[0] == 0
+    return tqdm(total=total, initial=initial, desc=desc, disable=not main, dynamic_ncols=True, smoothing=0.1)
+
+
+def latent_tokens(latent_shape: tuple[int, ...] | torch.Size, patch_size: int) -> int:
+    """DiT tokens of a latent batch ``(B, C, F, H, W)``: ``B · F · (H/p) · (W/p)``."""
+    b, _, f, h, w = (int(v) for v in latent_shape)
+    return b * f * (h // patch_size) * (w // patch_size)
+
+
+class Throughput:
+    """Samples/s and tokens/s over the last ``window`` steps (wall clock between ``update`` calls)."""
+
+    def __init__(self, window: int = 20) -> None:
+        self._events: deque[tuple[float, int, int]] = deque(maxlen=window + 1)
+        self._events.append((time.perf_counter(), 0, 0))
+        self.total_samples = 0
+        self.total_tokens = 0
+
+    def reset_clock(self) -> None:
+        """Forget the time spent outside training steps (validation, checkpoints)."""
+        self._events.clear()
+        self._events.append((time.perf_counter(), 0, 0))
+
+    def update(self, samples: int, tokens: int = 0) -> None:
+        self.total_samples += int(samples)
+        self.total_tokens += int(tokens)
+        self._events.append((time.perf_counter(), int(samples), int(tokens)))
+
+    def _rate(self, index: int) -> float:
+        if len(self._events) < 2:
+            return 0.0
+        seconds = self._events[-1][0] - self._events[0][0]
+        amount = sum(e[index] for e in list(self._events)[1:])
+        return amount / seconds if seconds > 0 else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self._rate(1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self._rate(2)
+
+
+def grad_norm(parameters: Iterable[torch.nn.Parameter], norm_type: float = 2.0) -> float:
+    """Total ``norm_type`` norm of the gradients that exist (0.0 when none)."""
+    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    if norm_type == float("inf"):
+        return float(max(g.abs().max() for g in grads))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]),
+                                          norm_type))
+
+
+__all__ = [
+    "Throughput", "checkpoint_step", "checkpoints_dir", "grad_norm", "latent_tokens", "latest_checkpoint",
+    "list_checkpoints", "load_checkpoint", "load_tree", "progress_bar", "resolve_resume", "rng_state",
+    "save_checkpoint", "save_tree", "set_rng_state", "setup_accelerator",
+]
