@@ -215,7 +215,7 @@ def _process_image(rel, path, out, cfg, result, timed, sidecar, captioner):
 
 
 def _process_video(rel, path, out, cfg, result, timed, sidecar, captioner):
-    from .filters import check_format, middle_frame, run_filters
+    from .filters import check_format, run_filters
     from .scenes import plan_segments, scan_cuts, write_clips
 
     info = timed("read", probe_video, path)
@@ -248,32 +248,58 @@ def _process_video(rel, path, out, cfg, result, timed, sidecar, captioner):
     clip_dir = out / "clips"
     clips = timed("clip", write_clips, path, kept_segments, clip_dir, crf=cfg.scene.crf,
                   name_prefix=f"{_safe_stem(rel)}_{_key(rel)[:8]}")
+    passed = []  # (clip, row) that passed every filter and now need a caption
     for clip in clips:
         clip_path = Path(clip["path"])
-        start, end = clip["start_frame"], clip["end_frame"]
-        item = f"{rel}[{start}:{end}]"
         cinfo = {k: clip[k] for k in ("width", "height", "fps", "num_frames")}
         outcome = run_filters(clip_path, cinfo, cfg, _models(cfg.workers), timings=result["timings"])
-        row = _row(rel, "video", start, end, fps, width=clip["width"], height=clip["height"], **outcome.scores)
+        row = _row(rel, "video", clip["start_frame"], clip["end_frame"], fps, width=clip["width"],
+                   height=clip["height"], **outcome.scores)
         result["rows"].append(row)
-        reject = None
-        if not outcome.passed:
-            reject = (outcome.stage, outcome.reason)
+        if outcome.passed:
+            passed.append((clip, row))
         else:
-            text, why = timed("caption", _caption, rel, start, end, lambda p=clip_path: middle_frame(p), sidecar,
-                              captioner)
-            if text is None:
-                reject = ("caption", why)
-        if reject is not None:
-            clip_path.unlink(missing_ok=True)  # rejected clips are not kept on disk
-            row.update(stage=reject[0], reason=reject[1])
-            result["rejects"].append({"item": item, "stage": reject[0], "reason": reject[1]})
+            _reject_clip(result, rel, clip, row, outcome.stage, outcome.reason)
+    captions = timed("caption", _caption_clips, rel, [c for c, _ in passed], sidecar, captioner)
+    for (clip, row), (text, why) in zip(passed, captions, strict=True):
+        if text is None:
+            _reject_clip(result, rel, clip, row, "caption", why)
             continue
-        rel_clip = clip_path.resolve().relative_to(out.resolve()).as_posix()
+        rel_clip = Path(clip["path"]).resolve().relative_to(out.resolve()).as_posix()
         row.update(kept=True, file_path=rel_clip, caption_source=why)
         result["meta"].append({"file_path": rel_clip, "text": text, "type": "video", "width": clip["width"],
                                "height": clip["height"], "fps": clip["fps"], "num_frames": clip["num_frames"],
-                               "source": rel, "start_frame": start, "end_frame": end})
+                               "source": rel, "start_frame": clip["start_frame"], "end_frame": clip["end_frame"]})
+
+
+def _reject_clip(result, rel, clip, row, stage, reason):
+    Path(clip["path"]).unlink(missing_ok=True)  # rejected clips are not kept on disk
+    row.update(stage=stage, reason=reason)
+    result["rejects"].append({"item": f"{rel}[{clip['start_frame']}:{clip['end_frame']}]", "stage": stage,
+                              "reason": reason})
+
+
+def _caption_clips(rel, clips, sidecar, captioner) -> list[tuple[str | None, str]]:
+    """(text, source-or-reason) per clip: sidecar first; the rest from the VLM, ``caption.concurrency`` at a time."""
+    from .filters import middle_frame
+
+    out: list[tuple[str | None, str]] = []
+    missing = []
+    for i, clip in enumerate(clips):
+        text = sidecar.lookup(rel, clip["start_frame"], clip["end_frame"]) if sidecar is not None else None
+        out.append((text, "sidecar") if text else (None, ""))
+        if not text:
+            missing.append(i)
+    if not missing:
+        return out
+    if captioner is None:
+        for i in missing:
+            out[i] = (None, "no caption: no sidecar entry and no VLM configured (preprocess.caption.vlm_url)")
+        return out
+    replies = captioner.caption_many([middle_frame(clips[i]["path"]) for i in missing])
+    for i, reply in zip(missing, replies, strict=True):
+        out[i] = (reply, "vlm") if isinstance(reply, str) else (None, f"captioning failed: {reply}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

