@@ -156,6 +156,14 @@ def sample_data(
     typer.echo(str(write_sample_dataset(out, include_iscc=iscc)))
 
 
+def _echo_rank0(summary: dict) -> None:
+    """Print a run summary once, from rank 0, under `accelerate launch` with several processes."""
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(json.dumps(summary))
+
+
 ResumeOpt = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to resume from")
 
 
@@ -170,7 +178,7 @@ def train_vae_cmd(
     """Train (or fine-tune) the MagViT VAE; writes a VAE folder to OUTPUT/final."""
     from .train.vae import train_vae
 
-    typer.echo(json.dumps(train_vae(_config(preset, overrides), data, output, resume=resume)))
+    _echo_rank0(train_vae(_config(preset, overrides), data, output, resume=resume))
 
 
 @app.command("train-dit")
@@ -185,7 +193,7 @@ def train_dit_cmd(
     """Train the DiT (full or LoRA); writes a pipeline folder (or lora.safetensors) to OUTPUT/final."""
     from .train.dit import train_dit
 
-    typer.echo(json.dumps(train_dit(_config(preset, overrides), data, output, resume=resume, lora=lora)))
+    _echo_rank0(train_dit(_config(preset, overrides), data, output, resume=resume, lora=lora))
 
 
 def main(argv: list[str] | None = None) -> None:

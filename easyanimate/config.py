@@ -210,6 +210,7 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 3  # keep the last K checkpoints
     validation_steps: int = 500
+    validation_timesteps: tuple[int, ...] = (100, 400, 700)  # fixed t (and fixed noise) so val losses compare across steps
     log_every: int = 10
     seed: int = 42
     cache_text_embeddings: bool = True  # frozen text encoder runs once per caption, not every step
@@ -381,6 +382,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

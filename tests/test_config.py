@@ -75,3 +75,7 @@ def test_tiny_matches_model_kwargs():
     assert kw["cross_attention_dim"] == kw["num_attention_heads"] * kw["attention_head_dim"]
     assert kw["caption_channels"] == 384
     assert isinstance(Config(), Config)
+
+
+def test_exponent_floats_without_a_dot():
+    assert load_config("tiny", ["train.lora_learning_rate=2e-3"]).train.lora_learning_rate == 2e-3

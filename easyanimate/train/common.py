@@ -4,7 +4,8 @@ Public API (stable; ``train/vae.py`` and ``train/dit.py`` use it)::
 
     setup_accelerator(train_cfg, output, *, log_with=None) -> Accelerator
         mixed precision and gradient accumulation from ``TrainConfig``; gloo process group on CPU; per-rank seed
-        ``train_cfg.seed + process_index`` (python, numpy, torch); ``output`` created by the main process.
+        ``train_cfg.seed + process_index`` (python, numpy, torch); ``output`` created by the main process. CPU runs:
+        ``Accelerator(cpu=True)`` (not under DeepSpeed) and, when launched multi-process, a gloo process group.
 
     save_checkpoint(output, step, *, models, optimizers, schedulers, ema=None, extra=None, accelerator=None,
                     keep_last, trainable_only=False) -> Path
@@ -18,6 +19,8 @@ Public API (stable; ``train/vae.py`` and ``train/dit.py`` use it)::
         restores everything ``save_checkpoint`` wrote (weights, optimizer, LR scheduler, EMA, this rank's RNG states)
         and returns ``extra``.
 
+    fill_deepspeed_config(accelerator, train_cfg, micro_batch_size)   before ``prepare`` under DeepSpeed (no-op else)
+
     latest_checkpoint(output) -> Path | None          newest complete ``checkpoint-<step>`` folder
     resolve_resume(output, resume) -> Path | None       None/"" → None; "latest" → newest or None; else that folder
     checkpoint_step(path) -> int                        the <step> of a ``checkpoint-<step>`` folder
@@ -26,6 +29,9 @@ Public API (stable; ``train/vae.py`` and ``train/dit.py`` use it)::
     Throughput(window=20): .update(samples, tokens) per step → .samples_per_s, .tokens_per_s (sliding window)
     latent_tokens(latent_shape, patch_size) -> int      B · F · (H/p) · (W/p): DiT tokens of a latent batch
     grad_norm(parameters, norm_type=2.0) -> float       total norm of the existing gradients
+
+    save_tree(tree, folder, stem) / load_tree(folder, stem)   any nested state ↔ ``stem.json`` + ``stem.safetensors``
+    rng_state() -> dict / set_rng_state(state)                 this process's python/numpy/torch(/CUDA) RNG states
 
 Checkpoint layout (safetensors + JSON only: no pickles, no ``torch.save``)::
 
@@ -42,12 +48,15 @@ Checkpoint layout (safetensors + JSON only: no pickles, no ``torch.save``)::
 Nested states (optimizer/scheduler/EMA/RNG) go through one tree codec: tensors → safetensors entries named by their
 path, everything else → JSON, with tuples, non-string dict keys and numpy arrays tagged so they round-trip exactly.
 
-Under DeepSpeed the model/optimizer objects are DeepSpeed's; weights and RNG round-trip, the ZeRO-partitioned optimizer
-state is saved per rank (``optimizer-<name>.rank-<r>``) and loaded back on the same world size.
+Under DeepSpeed (ZeRO-1/2: full weights on every rank) weights, EMA, schedule and RNG use the same layout; the
+partitioned optimizer state is stored per rank (``optimizer-<name>.rank-<r>``) and loads back on the same number of
+ranks. ZeRO-3 (partitioned weights) is not supported.
 """
 
 from __future__ import annotations
 
+import enum
+import importlib
 import json
 import logging
 import os
@@ -94,9 +103,14 @@ def setup_accelerator(train_cfg, output: str | Path, *, log_with=None):
         except Exception:  # noqa: BLE001 - private API; a fresh process does not need it
             pass
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    # NCCL needs GPUs; multi-process CPU (and DeepSpeed on CPU) trains over gloo
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if use_cpu else []
+    launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # NCCL needs GPUs: a launched CPU run (DDP, DeepSpeed) talks over gloo; a plain single process has no group
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if use_cpu and launched else []
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     accelerator = Accelerator(
+        # cpu=True: CPU workers of a launcher that did not export ACCELERATE_USE_CPU still become DDP replicas
+        # (not with DeepSpeed, which cpu=True would switch off; DeepSpeed finds the CPU itself)
+        cpu=use_cpu and not deepspeed,
         mixed_precision=train_cfg.mixed_precision,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output)),
@@ -109,6 +123,21 @@ def setup_accelerator(train_cfg, output: str | Path, *, log_with=None):
         Path(output).mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def fill_deepspeed_config(accelerator, train_cfg, micro_batch_size: int) -> None:
+    """Under DeepSpeed, put the run's micro-batch, accumulation and clipping into its config before ``prepare``
+    (our loaders are not passed to ``prepare``, so accelerate cannot infer them). No-op otherwise."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+    ds["gradient_accumulation_steps"] = int(train_cfg.gradient_accumulation_steps)
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = float(train_cfg.max_grad_norm)
+    ds["train_batch_size"] = int(micro_batch_size) * int(train_cfg.gradient_accumulation_steps) * \
+        int(accelerator.num_processes)
 
 
 def _rank_world(accelerator=None) -> tuple[int, int]:
@@ -159,6 +188,10 @@ def _is_deepspeed(accelerator) -> bool:
 # tree codec: nested python state <-> (JSON, {name: tensor})
 
 
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, torch.Tensor):
         tensors[path] = obj.detach().cpu()
@@ -170,18 +203,52 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     if isinstance(obj, torch.dtype):
         return {"__dtype__": str(obj).removeprefix("torch.")}
     if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+        return {"__tuple__": [_encode(v, tensors, _join(path, i)) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return [_encode(v, tensors, _join(path, i)) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: _encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[_encode(k, tensors, f"{path}.key{i}"), _encode(v, tensors, f"{path}.{k}")]
+            return {k: _encode(v, tensors, _join(path, k)) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors, _join(path, f"key{i}")), _encode(v, tensors, _join(path, k))]
                               for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, enum.Enum):
+        return {"__enum__": _qualname(obj), "value": _encode(obj.value, tensors, path)}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
+    if _qualname(obj).startswith(_PLAIN_OBJECT_PREFIXES) and hasattr(obj, "__dict__"):
+        # e.g. DeepSpeed's LossScaler inside its ZeRO optimizer state: rebuilt from its attributes, no pickle
+        return {"__object__": _qualname(obj), "attrs": _encode(vars(obj), tensors, _join(path, "attrs"))}
     raise TypeError(f"checkpoint state at {path!r}: expected tensors, numbers, strings, lists, tuples or dicts, "
                     f"got {type(obj).__name__}")
+
+
+# plain-attribute objects the codec may rebuild (module prefixes); nothing else is ever instantiated from a file
+_PLAIN_OBJECT_PREFIXES = ("deepspeed.",)
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_class(name: str, allowed: tuple[str, ...]) -> type:
+    if not name.startswith(allowed):
+        raise ValueError(f"checkpoint names class {name!r}; only classes under {allowed} are rebuilt")
+    module, _, qual = name.rpartition(".")
+    while module:
+        try:
+            obj: Any = importlib.import_module(module)
+            break
+        except ImportError:
+            module, _, head = module.rpartition(".")
+            qual = f"{head}.{qual}"
+    else:
+        raise ValueError(f"cannot import the class {name!r} named in the checkpoint")
+    for part in qual.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, type):
+        raise ValueError(f"{name!r} is not a class")
+    return obj
 
 
 def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -198,6 +265,14 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return tuple(_decode(v, tensors) for v in obj["__tuple__"])
         if "__items__" in obj:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+        if "__enum__" in obj:
+            return _resolve_class(obj["__enum__"], ("deepspeed.", "torch.", "accelerate."))(
+                _decode(obj["value"], tensors))
+        if "__object__" in obj:
+            cls = _resolve_class(obj["__object__"], _PLAIN_OBJECT_PREFIXES)
+            rebuilt = cls.__new__(cls)
+            rebuilt.__dict__.update(_decode(obj["attrs"], tensors))
+            return rebuilt
         return {k: _decode(v, tensors) for k, v in obj.items()}
     return obj
 
@@ -243,7 +318,8 @@ def load_tree(folder: Path, stem: str) -> Any:
 
 def rng_state() -> dict[str, Any]:
     """This process's python, numpy, torch CPU (and CUDA) generator states."""
-    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
@@ -358,8 +434,8 @@ def save_checkpoint(
     rank, world = _rank_world(accelerator)
     rng_all = _gather_objects(rng_state(), accelerator)
     deepspeed = _is_deepspeed(accelerator)
-    opt_all = ({n: _gather_objects(o.state_dict(), accelerator) for n, o in optimizers.items()}
-               if deepspeed and world > 1 else None)
+    # ZeRO partitions the optimizer state: every rank's part is kept (DeepSpeed reloads them as a list by rank)
+    opt_all = {n: _gather_objects(o.state_dict(), accelerator) for n, o in optimizers.items()} if deepspeed else None
     final = checkpoints_dir(output) / f"checkpoint-{int(step)}"
     if rank == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -426,7 +502,7 @@ def _load_ema(e, folder: Path) -> None:
         raise ValueError(f"{folder}: EMA holds {len(state.get('shadow_params', []))} tensors, the model's EMA "
                          f"{len(devices)}")
     e.load_state_dict(state)
-    e.shadow_params = [s.to(device=d, dtype=t) for s, (d, t) in zip(e.shadow_params, devices)]
+    e.shadow_params = [s.to(device=d, dtype=t) for s, (d, t) in zip(e.shadow_params, devices, strict=True)]
 
 
 def load_checkpoint(
@@ -458,12 +534,11 @@ def load_checkpoint(
     for name, model in models.items():
         _load_model(_unwrap(model, accelerator), path / name, meta["models"][name])
     for name, opt in optimizers.items():
-        per_rank = path / f"optimizer-{name}.rank-{rank}.json"
-        if per_rank.is_file():
+        if (path / f"optimizer-{name}.rank-0.json").is_file():  # ZeRO: one partition per rank
             if int(meta["world_size"]) != world:
                 raise ValueError(f"{path}: ZeRO optimizer state was saved by {meta['world_size']} ranks, this run "
                                  f"has {world}")
-            opt.load_state_dict(load_tree(path, f"optimizer-{name}.rank-{rank}"))
+            opt.load_state_dict([load_tree(path, f"optimizer-{name}.rank-{r}") for r in range(world)])
         else:
             opt.load_state_dict(load_tree(path, f"optimizer-{name}"))
     for name, sched in schedulers.items():
@@ -544,7 +619,7 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter], norm_type: float = 2.0) 
 
 
 __all__ = [
-    "Throughput", "checkpoint_step", "checkpoints_dir", "grad_norm", "latent_tokens", "latest_checkpoint",
-    "list_checkpoints", "load_checkpoint", "load_tree", "progress_bar", "resolve_resume", "rng_state",
-    "save_checkpoint", "save_tree", "set_rng_state", "setup_accelerator",
+    "Throughput", "checkpoint_step", "checkpoints_dir", "fill_deepspeed_config", "grad_norm", "latent_tokens",
+    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_tree", "progress_bar", "resolve_resume",
+    "rng_state", "save_checkpoint", "save_tree", "set_rng_state", "setup_accelerator",
 ]
