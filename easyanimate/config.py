@@ -224,6 +224,41 @@ class TrainConfig:
     vae: VAETrainConfig = field(default_factory=VAETrainConfig)
 
 
+# --- evaluate / register ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of a pipeline folder, and the gates a version must pass to become `champion`."""
+
+    prompts: tuple[str, ...] = (
+        "In this video, a cyclist rides along a mountain road under a clear sky.",
+        "In this video, waves roll onto a sandy beach at sunset.",
+    )  # fixed prompt set for the generated-sample metrics (flicker, motion) and the sample MP4s
+    num_frames: int = 9
+    height: int = 64
+    width: int = 64
+    steps: int = 10
+    guidance_scale: float = 6.0
+    seed: int = 1234
+    sampler: str = "DPM++"
+    validation_timesteps: tuple[int, ...] = (100, 400, 700)  # DiT validation loss at these fixed timesteps
+    max_clips: int = 8  # held-out clips used for reconstruction PSNR/SSIM and validation loss
+    clip_model: str = ""  # local CLIP folder for CLIPScore (off when empty)
+    fvd_model: str = ""  # local I3D/feature network for FVD (off when empty)
+    gate_max_val_loss: float = 1.0e9  # promote only when val_loss <= this
+    gate_min_vae_psnr: float = 0.0  # and vae_psnr >= this
+    gate_max_flicker: float = 1.0e9  # and flicker <= this
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """The MLflow registered model a pipeline run produces."""
+
+    model_name: str = "easyanimate"
+    by_reference: bool = False  # register a folder by path (e.g. the official 16 GB weights) instead of copying it
+
+
 # --- preprocess -------------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +355,8 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
     name: str = "custom"  # the preset this came from
 
     def to_dict(self) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class Discriminator3D(nn.Module):
         if not channels:
             raise ValueError("Discriminator3D needs at least one width in channels")
         self.conv_in = nn.Conv3d(in_channels, channels[0], 3, 1, 1)
-        self.blocks = nn.ModuleList(_DownBlock3D(a, b) for a, b in zip(channels[:-1], channels[1:]))
+        self.blocks = nn.ModuleList(_DownBlock3D(a, b) for a, b in zip(channels[:-1], channels[1:], strict=True))
         self.conv_out = nn.Conv3d(channels[-1], 1, 3, 1, 1)
         self.act = nn.LeakyReLU(0.2)
         self.apply(_init_gan_weights)

@@ -56,11 +56,11 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, pixels_per_sample: int) ->
     return kl.flatten(1).sum(1).mean() / float(pixels_per_sample)
 
 
-# --- GAN ----------------------------------------------------------------------------------------------------------------
+# --- GAN --------------------------------------------------------------------------------------------------------------
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator hinge loss: 0 when real logits ≥ 1 and fake logits ≤ −1; 2 at chance (all logits 0)."""
+    """Discriminator hinge loss: 0 when real logits ≥ 1 and fake logits ≤ −1; 1 at chance (all logits 0)."""
     return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
 
 
