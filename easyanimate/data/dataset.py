@@ -366,8 +366,11 @@ def build_dataloader(dataset: VideoTextDataset, cfg: DataConfig, *, rank: int = 
     sampler.set_epoch(epoch)
     if start_batch:
         sampler.start_at(start_batch)
+    # the loader's own generator: iterating must not draw from the global RNG (that would break exact resume)
+    generator = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
     return BucketDataLoader(dataset, batch_sampler=sampler, num_workers=max(0, int(cfg.workers)),
-                            collate_fn=collate_fn, worker_init_fn=_worker_init if cfg.workers else None)
+                            collate_fn=collate_fn, worker_init_fn=_worker_init if cfg.workers else None,
+                            generator=generator)
 
 
 def load_train_validation(cfg: DataConfig, meta: str | Path | None = None, root: str | Path | None = None
