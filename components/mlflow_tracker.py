@@ -1,0 +1,240 @@
+"""``MlflowTracker``: the library's ``Tracker`` protocol (``easyanimate.tracking``) on MLflow.
+
+Everything goes through ``MlflowClient`` with an explicit run id: no fluent API and no global active run, so a
+process may hold several trackers at once (a pipeline's parent run and a step's nested run, say).
+
+    with MlflowTracker(tracking_uri=uri, experiment="easyanimate", run_name="train_dit", parent_run_id=parent) as t:
+        t.log_params(cfg.to_dict())          # nested dicts become dotted keys
+        t.log_metrics({"loss": 0.3}, step=10)
+        t.log_artifact("samples/")           # a folder lands under "samples/" in the run
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import posixpath
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+try:  # the store's limits (6000/8000 in MLflow 3.17); fall back to those if the private module moves
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+except ImportError:  # pragma: no cover
+    MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH = 6000, 8000
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "easyanimate"
+_PARAMS_PER_BATCH = 100  # log_batch accepts at most 100 params and 1000 metrics per call
+_METRICS_PER_BATCH = 1000
+_STATUSES = {RunStatus.to_string(s) for s in RunStatus.all_status()}
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}, "c": [1, 2]}`` → ``{"a.b": "1", "c": "[1, 2]"}``; values truncated to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+            continue
+        if isinstance(value, (list, tuple, dict)):
+            text = json.dumps(value, default=str)
+        else:
+            text = str(value)
+        flat[name] = _truncate(text, MAX_PARAM_VAL_LENGTH)
+    return flat
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_float(value: Any) -> float | None:
+    """Python/numpy/torch scalars → float; None when it is not a number."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    return float(value)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created by someone else in the meantime
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class MlflowTracker:
+    """A ``Tracker`` writing to one MLflow run.
+
+    Args:
+        run_id (`str`, optional): attach to this existing run instead of creating one. An attached run is not
+            ended by ``close()`` unless ``end_on_close=True``.
+        tracking_uri (`str`, optional): MLflow tracking URI (default: ``MLFLOW_TRACKING_URI`` / MLflow's default).
+        experiment (`str`, optional): experiment name for a new run; created when missing. Default: the parent
+            run's experiment when ``parent_run_id`` is given, else ``MLFLOW_EXPERIMENT_NAME`` or "easyanimate".
+        run_name (`str`, optional): display name of a new run.
+        parent_run_id (`str`, optional): nest the new run under this run (MLflow's ``mlflow.parentRunId`` tag).
+        tags (`dict`, optional): tags set on the run (new or attached).
+        end_on_close (`bool`, optional): whether ``close()`` terminates the run; default True for a run this tracker
+            created, False for an attached one.
+    """
+
+    def __init__(
+        self,
+        run_id: str | None = None,
+        *,
+        tracking_uri: str | None = None,
+        experiment: str | None = None,
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+        tags: dict[str, Any] | None = None,
+        end_on_close: bool | None = None,
+    ) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = self.client.tracking_uri
+        tags = {str(k): _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+        if run_id is not None:
+            run = self.client.get_run(run_id)  # fails early with MLflow's RESOURCE_DOES_NOT_EXIST
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+            self._params = dict(run.data.params)
+            self.end_on_close = bool(end_on_close)
+        else:
+            if experiment is None and parent_run_id is not None:
+                experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+            else:
+                name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+                experiment_id = _experiment_id(self.client, name)
+            if parent_run_id is not None:
+                tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+            run = self.client.create_run(experiment_id, tags=tags, run_name=run_name)
+            self._params = {}
+            self.end_on_close = True if end_on_close is None else bool(end_on_close)
+        self.run_id: str = run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
+        self.closed = False
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # the Tracker protocol
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log (nested) params as dotted keys. Keys already logged with the same value are skipped; MLflow cannot
+        change a logged param, so a different value is warned about and kept as the tag ``param_changed.<key>``."""
+        new: dict[str, str] = {}
+        for key, value in flatten_params(params).items():
+            old = self._params.get(key)
+            if old is None:
+                new[key] = value
+            elif old != value:
+                logger.warning("param %r was logged as %r; MLflow keeps it, the new value %r goes to a tag",
+                               key, old, value)
+                self.client.set_tag(self.run_id, f"param_changed.{key}", _truncate(value, MAX_TAG_VAL_LENGTH))
+        items = [Param(k, v) for k, v in new.items()]
+        for i in range(0, len(items), _PARAMS_PER_BATCH):
+            chunk = items[i: i + _PARAMS_PER_BATCH]
+            try:
+                self.client.log_batch(self.run_id, params=chunk)
+            except MlflowException:
+                # another writer of this run may have logged some of these keys: re-read, then compare again
+                self._params = dict(self.client.get_run(self.run_id).data.params)
+                if not any(p.key in self._params for p in chunk):
+                    raise
+                self.log_params({p.key: p.value for p in chunk})
+                continue
+            self._params.update({p.key: p.value for p in chunk})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log scalar metrics at ``step`` in one ``log_batch``; NaN/inf and non-numbers are dropped with a warning."""
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            number = _as_float(value)
+            if number is None or not math.isfinite(number):
+                logger.warning("dropping metric %r=%r at step %d: not a finite number", key, value, step)
+                continue
+            items.append(Metric(key=str(key), value=number, timestamp=now, step=int(step)))
+        for i in range(0, len(items), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i: i + _METRICS_PER_BATCH])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload a file (to ``artifact_path/<name>``) or a folder (to ``artifact_path/<folder name>/...``)."""
+        path = Path(path)
+        if path.is_dir():
+            dest = posixpath.join(artifact_path, path.name) if artifact_path else path.name
+            self.client.log_artifacts(self.run_id, str(path), dest)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"cannot log artifact {path}: expected a file or folder")
+
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run (when this tracker owns it) with ``status``: FINISHED, FAILED or KILLED. Idempotent."""
+        if self.closed:
+            return
+        if status not in _STATUSES:
+            raise ValueError(f"status must be one of {sorted(_STATUSES)}, got {status!r}")
+        self.closed = True
+        if self.end_on_close:
+            self.client.set_terminated(self.run_id, status=status)
+
+    # ------------------------------------------------------------------------------------------------------------------
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        """Set run tags (overwritable, unlike params)."""
+        items = [RunTag(str(k), _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.close("KILLED")
+        else:
+            self.close("FAILED")
+
+    def __repr__(self) -> str:
+        return f"MlflowTracker(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
+
+
+def start_parent_run(tracking_uri: str | None, experiment: str | None = None, run_name: str | None = None,
+                     tags: dict[str, Any] | None = None) -> str:
+    """Create a RUNNING run that steps nest under (``MlflowTracker(parent_run_id=...)``); returns its id."""
+    tracker = MlflowTracker(tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, tags=tags)
+    return tracker.run_id
+
+
+def end_run(tracking_uri: str | None, run_id: str, status: str = "FINISHED") -> None:
+    """Terminate a run created by ``start_parent_run`` (status FINISHED, FAILED or KILLED)."""
+    if status not in _STATUSES:
+        raise ValueError(f"status must be one of {sorted(_STATUSES)}, got {status!r}")
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+__all__ = ["MlflowTracker", "end_run", "flatten_params", "start_parent_run"]

@@ -1,0 +1,1 @@
+"""Serving: the MLflow pyfunc wrapper and registry (``pyfunc.py``, ``registry.py``), Triton adapters and clients."""
