@@ -115,6 +115,7 @@ class ModelConfig:
     """Where the model comes from: a pipeline folder, or fresh random weights of the shapes below."""
 
     pretrained: str = ""  # pipeline folder (ours or the official layout); empty = build from the sections below
+    vae_path: str = ""  # a VAE folder (e.g. train-vae's final/) replacing the pipeline's VAE; empty = keep it
     dtype: str = "float32"  # float32 | bfloat16 | float16 for transformer and VAE
     init_seed: int = 0  # seed of the random init when pretrained is empty
     transformer: TransformerConfig = field(default_factory=TransformerConfig)

@@ -398,6 +398,10 @@ def build_pipeline(model_cfg, sampler: str = "DPM++") -> EasyAnimatePipeline:
                                    scheduler=make_scheduler(sampler))
         # frozen encoders are recorded by reference in saved folders instead of being copied into each one
         pipe.text_encoder_ref = te_path if te_path == "minilm" else str(Path(te_path).resolve())
+    if model_cfg.vae_path:  # a separately trained VAE (train-vae's final/, or another pipeline's vae/)
+        folder = Path(model_cfg.vae_path)
+        folder = folder / "vae" if (folder / "model_index.json").is_file() else folder
+        pipe.vae = AutoencoderKLMagvit.from_pretrained(folder, torch_dtype=dtype).eval()
     pipe.max_sequence_length = model_cfg.text_encoder.max_length
     pipe.lowercase_prompts = model_cfg.text_encoder.lowercase
     return pipe
