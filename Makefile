@@ -26,7 +26,7 @@ test: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check easyanimate tests bench
+	$(VENV)/bin/ruff check easyanimate components pipelines serving tests bench
 
 bench: setup
 	$(PY) bench/vae_decode_memory.py
