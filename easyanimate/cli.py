@@ -53,8 +53,20 @@ def generate(
     preset: str | None = typer.Option(None, "--preset", help="preset name or YAML file (default: tiny with "
                                          "--model tiny or no model, v2_512 with a folder)"),
     overrides: list[str] | None = SetOpt,
+    server: str | None = typer.Option(None, "--server", help="generate on a Triton server instead: grpc://HOST:PORT "
+                                      "(streaming, progress bar), http://HOST:PORT, HOST (gRPC 8001, then HTTP 8000) "
+                                      "or several, comma-separated; unset options take the served model's defaults"),
 ) -> None:
     """Generate a video (or an image with --frames 1) from a prompt."""
+    if server is not None:
+        local_only = {"--model": model is not None, "--lora": lora is not None, "--preset": preset is not None,
+                      "--set": bool(overrides), "--device": device != "auto"}
+        given = [name for name, used in local_only.items() if used]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)} apply to local generation, not with --server")
+        _generate_on_server(server, prompt, out, negative_prompt=negative_prompt, num_frames=frames, height=height,
+                            width=width, steps=steps, guidance=guidance, seed=seed, sampler=sampler, fps=fps)
+        return
     import torch
 
     from .models.lora import merge_lora
@@ -106,6 +118,87 @@ def generate(
             "sampler": sampler_name, "seconds_load": round(t_load, 2),
             "seconds_total": round(time.perf_counter() - t0, 2)}
     typer.echo(json.dumps(info))
+
+
+def _generate_on_server(server: str, prompt: str | None, out: Path, **params) -> None:
+    """``generate --server``: the request goes to Triton; the returned MP4/PNG is written to ``out``."""
+    from serving.client import ServerError
+    from serving.client import generate as remote_generate
+
+    from .config import GenerateConfig
+    from .video import atomic_write_bytes
+
+    if out.suffix.lower() not in (".mp4", ".png"):
+        raise typer.BadParameter(f"--out must end in .mp4 or .png, got {out.name}")
+    try:
+        result = remote_generate(server, prompt if prompt is not None else GenerateConfig().prompt, **params)
+    except ValueError as exc:  # an unreadable --server
+        raise typer.BadParameter(str(exc)) from exc
+    except ServerError as exc:
+        typer.echo(f"error: the server rejected the request: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ConnectionError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if out.suffix.lower() != result.suffix:
+        out = out.with_suffix(result.suffix)
+    atomic_write_bytes(out, result.data)
+    meta = result.metadata
+    info = {"out": str(out), "server": result.url, "transport": result.transport, "seed": meta.get("seed"),
+            "model": meta.get("model"), "parameters": {k: v for k, v in (meta.get("parameters") or {}).items()
+                                                       if k not in ("prompt", "negative_prompt")},
+            "timings": meta.get("timings")}
+    typer.echo(json.dumps(info))
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("tiny", "--model", envvar="EASYANIMATE_MODEL_URI",
+                              help="tiny | a pipeline folder | models:/NAME@ALIAS | models:/NAME/VERSION"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0 in a container)"),
+    http_port: int | None = typer.Option(None, "--http-port", help="default: a free port"),
+    grpc_port: int | None = typer.Option(None, "--grpc-port", help="default: a free port"),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="default: a free port"),
+    watch_alias: bool = typer.Option(False, "--watch-alias", help="follow the MLflow alias (reload when it moves) "
+                                     "and reload crashed models"),
+    poll_interval: float = typer.Option(10.0, "--poll-interval", help="seconds between --watch-alias polls"),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)"),
+    models: str = typer.Option("easyanimate,easyanimate_stream", "--models",
+                               help="comma-separated models to load (each instance holds its own pipeline copy)"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    dtype: str = typer.Option("", "--dtype", help="transformer/VAE dtype (default: as stored)"),
+    instances: int | None = typer.Option(None, "--instances", help="instances per model (default: config.pbtxt's)"),
+    log: str | None = typer.Option("-", "--log", help="tritonserver log file ('-' = this terminal)"),
+) -> None:
+    """Serve the model with the bundled tritonserver (KServe v2 HTTP + gRPC) until Ctrl-C / SIGTERM."""
+    import signal
+
+    from serving.launch import TritonLaunchError, TritonServer
+
+    server = TritonServer(model, models=[m.strip() for m in models.split(",") if m.strip()],
+                          tracking_uri=tracking_uri, host=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port, watch_alias=watch_alias, poll_interval=poll_interval,
+                          parameters={"device": device, "dtype": dtype}, instance_count=instances, log=log)
+
+    def _terminate(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        server.start()
+        typer.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
+                               "models": list(server.models), "source": server.model,
+                               "version": server.served_version, "pid": server.pid}), err=True)
+        code = server.wait()
+        typer.echo(f"error: tritonserver exited with {code}", err=True)
+        raise typer.Exit(1)
+    except TritonLaunchError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("stopping tritonserver", err=True)
+    finally:
+        server.stop()
 
 
 @app.command()
@@ -194,6 +287,94 @@ def train_dit_cmd(
     from .train.dit import train_dit
 
     _echo_rank0(train_dit(_config(preset, overrides), data, output, resume=resume, lora=lora))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Option(..., "--model", help="pipeline folder to evaluate"),
+    data: Path | None = typer.Option(None, "--data", help="meta JSON whose held-out split is scored (default: "
+                                     "data.meta; none = generated-sample metrics only)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for metrics.json, samples/, contact_sheet.png"),
+    preset: str = PresetOpt,
+    overrides: list[str] | None = SetOpt,
+) -> None:
+    """Evaluate a pipeline folder (reconstruction, validation loss, flicker, motion, gates); prints the metrics."""
+    from .evaluate import evaluate
+
+    cfg = _config(preset, overrides)
+    try:
+        result = evaluate(cfg, model, data, output)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(json.dumps(result))
+
+
+@app.command("pipeline", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                           "help_option_names": []})
+def pipeline(ctx: typer.Context) -> None:
+    """The Kubeflow pipeline: `compile --out FILE`, `run --local [...]`, `submit --host URL [...]` (see --help)."""
+    from pipelines.cli import app as pipeline_app  # the driver lives outside the library; imported only here
+
+    pipeline_app(args=list(ctx.args) or ["--help"], prog_name="easyanimate pipeline")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("outputs/demo"), "--out", help="where everything of the demo is written"),
+    train_vae: bool = typer.Option(True, "--train-vae/--no-train-vae", help="include the VAE training step"),
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="generate through a local Triton server"),
+    keep_mlflow: bool = typer.Option(False, "--keep-mlflow", help="leave the MLflow server running for its UI"),
+    overrides: list[str] | None = SetOpt,
+) -> None:
+    """The main job: MLflow + sample data + the whole pipeline locally (tiny) + register + serve a video."""
+    from pipelines.demo import run_demo
+
+    result = run_demo(out, train_vae=train_vae, keep_mlflow=keep_mlflow, serve=serve, overrides=overrides)
+    typer.echo("\n" + "\n".join([
+        "EasyAnimate-MLOps demo finished in {seconds} s".format(**result),
+        f"  video            {result.get('video')}",
+        f"  MLflow UI        {result['mlflow_ui']}" + ("" if keep_mlflow else "  (stopped; --keep-mlflow keeps it)"),
+        f"  parent run       {result.get('parent_run_id')}",
+        f"  model            easyanimate version {result.get('model_version')} "
+        f"(champion: {result.get('champion')})  served as {result.get('served_model')}",
+        f"  Triton           {result.get('triton_http', 'not started')}  {result.get('triton_grpc', '')}",
+        f"  pipeline YAML    {result.get('pipeline_yaml')}",
+        f"  dataset          {result.get('dataset')}",
+        f"  metrics          {json.dumps(result.get('metrics'))}",
+    ]))
+    summary = Path(out) / "demo_summary.json"
+    summary.write_text(json.dumps(result, indent=1, default=str))
+    typer.echo(f"  summary          {summary}")
+
+
+@app.command("ui")
+def ui(
+    server: str = typer.Option(..., "--server", help="the Triton server: grpc://HOST:PORT (streams progress), "
+                               "http://HOST:PORT, HOST[:PORT], or several, comma-separated"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address the web UI binds (0.0.0.0 to expose it)"),
+    port: int | None = typer.Option(None, "--port", help="default: 7860 or the next free port"),
+    mlflow_uri: str | None = typer.Option(None, "--mlflow-uri", help="list registered versions/aliases from this "
+                                          "MLflow URI"),
+    samples_dir: Path = typer.Option(Path("samples"), "--samples-dir", help="results: DIR/<date>/NNN.mp4 + logs.json"),
+    lora_dir: Path | None = typer.Option(None, "--lora-dir", help="LoRA .safetensors folder "
+                                         "(default models/Personalized_Model)"),
+) -> None:
+    """Serve EasyAnimate V2's web UI in front of a Triton server until Ctrl-C (prints the URL)."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from serving.webui import launch
+
+    try:
+        demo, url = launch(server, host=host, port=port, mlflow_uri=mlflow_uri, samples_dir=samples_dir,
+                           lora_dir=lora_dir, block=False)
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(url)
+    try:
+        demo.block_thread()
+    finally:
+        demo.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,524 @@
+"""A gradio web UI in front of the EasyAnimate Triton endpoint, with the controls of EasyAnimate V2's UI.
+
+``build_ui(server)`` returns the ``gr.Blocks``; ``launch(server)`` serves it (loopback by default). The page has
+V2's controls: edition, pretrained model (registered MLflow versions and aliases, or a local folder) + refresh, LoRA
++ "LoRA alpha", prompt, negative prompt (V2's), sampler (Euler), steps (50), width/height (step 16), "Generate image"
+(one frame, PNG) or animation length (9k frames), CFG (7.0), seed (43) with a dice button. Generate sends one request
+over the decoupled ``easyanimate_stream`` gRPC stream: each PROGRESS message (one per denoising step) moves the
+``gr.Progress`` bar, then the video (or image) shows. Without a gRPC address the request goes over HTTP (no per-step
+progress). Each result is saved as ``<samples_dir>/<YYYY-MM-DD>/NNN.mp4|png`` and its parameters appended to
+``<samples_dir>/<YYYY-MM-DD>/logs.json`` (a JSON list, rewritten atomically); the gallery shows past results.
+
+What the server accepts decides what is sent: the request schema (``serving/request.py``) has no model or LoRA input,
+so the model and LoRA choices are sent only when the served model declares ``MODEL`` / ``LORA`` + ``LORA_ALPHA``
+inputs (Triton model metadata); otherwise the page says which model the server serves (its config parameters, then
+each answer's METADATA) and that the LoRA is not applied, and ``logs.json`` records ``lora_applied: false``.
+
+Requests are checked by the server only: its message (e.g. ``WIDTH must be a multiple of 16 between 16 and 1280,
+got 72``) is shown on the page in the status box and as a toast, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls to outside hosts
+
+import numpy as np  # noqa: E402
+
+from .client import (  # noqa: E402
+    DEFAULT_TIMEOUT,
+    MODEL,
+    STREAM_MODEL,
+    GenerationResult,
+    ServerError,
+    Unavailable,
+    _message,
+    infer_grpc_stream,
+    infer_http,
+    parse_server,
+)
+from .request import to_inputs  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_DIR = "models/Personalized_Model"  # where V2's UI looks for LoRA / DreamBooth .safetensors
+V2_DEFAULTS = {"sampler": "Euler", "steps": 50, "width": 672, "height": 384, "num_frames": 144, "guidance": 7.0,
+               "seed": 43, "lora_alpha": 0.55, "fps": 24}
+EDITIONS = {"v2": "v2 (EasyAnimateV2, 9k frames, 16-pixel sizes)"}
+NO_LORA = "none"
+SERVED = "(as served)"
+MAX_SEED_UI = 10**8  # V2's dice: random.randint(1, 1e8)
+GALLERY_LIMIT = 48
+_SAVE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what the server serves and accepts
+
+
+@dataclass
+class ServerInfo:
+    """What the first usable address of ``server`` says about the served model (best effort; empty if down)."""
+
+    inputs: set[str] = field(default_factory=set)
+    parameters: dict[str, str] = field(default_factory=dict)
+    url: str = ""
+    error: str = ""
+
+    @property
+    def supports_model_choice(self) -> bool:
+        return "MODEL" in self.inputs
+
+    @property
+    def supports_lora(self) -> bool:
+        return "LORA" in self.inputs
+
+    def describe(self) -> str:
+        if self.error and not self.url:
+            return f"Served model: unknown ({self.error})"
+        source = self.parameters.get("model_alias") or self.parameters.get("model_source") or "?"
+        text = f"Served model: `{source}` at `{self.url}`"
+        if self.parameters.get("model_alias") and self.parameters.get("model_source"):
+            text += f" (resolved to `{self.parameters['model_source']}`)"
+        return text
+
+
+def server_info(server: str, timeout: float = 5.0) -> ServerInfo:
+    """Inputs and config parameters of the served model: gRPC (stream model) first, then HTTP, as ``server`` lists."""
+    failures = []
+    try:
+        addresses = parse_server(server)
+    except ValueError as exc:
+        return ServerInfo(error=str(exc))
+    for scheme, address in addresses:
+        try:
+            if scheme == "grpc":
+                import tritonclient.grpc as grpcclient
+
+                client = grpcclient.InferenceServerClient(address)
+                try:
+                    meta = client.get_model_metadata(STREAM_MODEL, as_json=True, client_timeout=timeout)
+                    config = client.get_model_config(STREAM_MODEL, as_json=True, client_timeout=timeout)["config"]
+                finally:
+                    client.close()
+            else:
+                import tritonclient.http as httpclient
+
+                client = httpclient.InferenceServerClient(address, ssl=scheme == "https", connection_timeout=timeout,
+                                                          network_timeout=timeout)
+                try:
+                    meta = client.get_model_metadata(MODEL)
+                    config = client.get_model_config(MODEL)
+                finally:
+                    client.close()
+        except Exception as exc:  # not reachable, model missing: try the next address
+            failures.append(f"{scheme}://{address}: {_message(exc)}")
+            continue
+        params = {k: str((v or {}).get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
+        return ServerInfo(inputs={i["name"] for i in meta.get("inputs", [])}, parameters=params,
+                          url=f"{scheme}://{address}")
+    return ServerInfo(error="; ".join(failures) or "no address")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# model and LoRA choices
+
+
+def registered_models(mlflow_uri: str | None) -> list[str]:
+    """``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` of every registered model (newest version first)."""
+    if not mlflow_uri:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri, registry_uri=mlflow_uri)
+    out = []
+    for rm in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{rm.name}'")
+        aliases = {}
+        for mv in versions:
+            for alias in getattr(mv, "aliases", None) or []:
+                aliases[alias] = mv.version
+        aliases.update(getattr(rm, "aliases", None) or {})
+        out += [f"models:/{rm.name}@{alias}" for alias in sorted(aliases)]
+        out += [f"models:/{rm.name}/{mv.version}" for mv in sorted(versions, key=lambda v: -int(v.version))]
+    return out
+
+
+def model_choices(mlflow_uri: str | None, timeout: float = 15.0) -> tuple[list[str], str]:
+    """Dropdown choices and a note (why the list may be short). An unreachable registry (MLflow retries for
+    minutes) gives up after ``timeout`` seconds: the page must not wait on it."""
+    box: dict[str, Any] = {}
+
+    def work():
+        try:
+            box["found"] = registered_models(mlflow_uri)
+        except Exception as exc:  # registry down: the UI still works with the served model
+            box["error"] = f"{type(exc).__name__}: {exc}"
+
+    worker = threading.Thread(target=work, name="mlflow-models", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if "found" in box:
+        return [SERVED, *box["found"]], "" if box["found"] else f"no registered versions at {mlflow_uri}"
+    reason = box.get("error") or f"no answer within {timeout:.0f} s"
+    return [SERVED], f"MLflow registry at {mlflow_uri} not reachable: {reason}"
+
+
+def lora_files(lora_dir: str | os.PathLike | None) -> list[str]:
+    """``.safetensors`` file names in ``lora_dir`` (sorted), V2's LoRA dropdown."""
+    if not lora_dir or not Path(lora_dir).is_dir():
+        return []
+    return sorted(p.name for p in Path(lora_dir).iterdir() if p.suffix == ".safetensors" and p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# samples: samples/<date>/NNN.mp4|png + logs.json
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    from easyanimate.video import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """Serialise numbering and logs.json updates across threads and processes sharing ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with _SAVE_LOCK, open(folder / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_logs(folder: Path) -> list[dict[str, Any]]:
+    path = Path(folder) / "logs.json"
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        logger.warning("%s is not valid JSON; starting a new list", path)
+        return []
+    return data if isinstance(data, list) else [data]
+
+
+def save_sample(samples_dir: str | os.PathLike, result: GenerationResult, record: dict[str, Any],
+                now: _dt.datetime | None = None) -> Path:
+    """Write the media as the next ``NNN.<ext>`` of today's folder and append ``record`` (+ file, time, server
+    answer) to its ``logs.json``; both writes are atomic (temp file + rename)."""
+    now = now or _dt.datetime.now()
+    folder = Path(samples_dir) / now.strftime("%Y-%m-%d")
+    with _folder_lock(folder):
+        taken = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(r"(\d+)\.(mp4|png)", p.name))]
+        path = folder / f"{max(taken, default=0) + 1:03d}{result.suffix}"
+        _atomic_write(path, result.data)
+        entry = {"file": path.name, "time": now.isoformat(timespec="seconds"), **record,
+                 "server": result.url, "transport": result.transport,
+                 "served_parameters": result.metadata.get("parameters"), "model": result.metadata.get("model"),
+                 "timings": result.metadata.get("timings")}
+        logs = read_logs(folder) + [entry]
+        _atomic_write(folder / "logs.json", (json.dumps(logs, indent=2, ensure_ascii=False) + "\n").encode())
+    return path
+
+
+def gallery_items(samples_dir: str | os.PathLike, limit: int = GALLERY_LIMIT) -> list[tuple[str, str]]:
+    """Past results (newest first) as ``(path, caption)`` from every ``<date>/logs.json`` under ``samples_dir``."""
+    root = Path(samples_dir)
+    if not root.is_dir():
+        return []
+    items = []
+    for folder in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
+        for entry in reversed(read_logs(folder)):
+            path = folder / str(entry.get("file", ""))
+            if path.is_file() and path.stat().st_size:
+                items.append((str(path.resolve()), f"{folder.name}/{path.name} · {str(entry.get('prompt', ''))[:60]}"))
+            if len(items) >= limit:
+                return items
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one generation
+
+
+def request_inputs(params: dict[str, Any], info: ServerInfo, lora_dir: str | os.PathLike | None) -> tuple[
+        dict[str, np.ndarray], dict[str, Any]]:
+    """UI values → Triton inputs, plus what was applied (model / LoRA only when the server takes them)."""
+    inputs = to_inputs(params["prompt"], negative_prompt=params["negative_prompt"], seed=params["seed"],
+                       steps=params["steps"], guidance=params["guidance"], num_frames=params["num_frames"],
+                       height=params["height"], width=params["width"], fps=params["fps"], sampler=params["sampler"])
+    applied = {"model_applied": False, "lora_applied": False}
+    model = params.get("model")
+    if model and model != SERVED and info.supports_model_choice:
+        inputs["MODEL"] = np.array([str(model).encode()], dtype=object)
+        applied["model_applied"] = True
+    lora = params.get("lora")
+    if lora and lora != NO_LORA and info.supports_lora:
+        path = Path(lora_dir or DEFAULT_LORA_DIR) / lora
+        inputs["LORA"] = np.array([str(path.resolve()).encode()], dtype=object)
+        if "LORA_ALPHA" in info.inputs:
+            inputs["LORA_ALPHA"] = np.array([params["lora_alpha"]], dtype=np.float32)
+        applied["lora_applied"] = True
+    return inputs, applied
+
+
+def run_request(server: str, inputs: dict[str, np.ndarray], on_progress: Callable[[int, int], None] | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> GenerationResult:
+    """Try each address of ``server`` like ``client.generate``, but hand every PROGRESS step to ``on_progress``.
+
+    Raises ``ServerError`` (the server's message: final) or ``ConnectionError`` (no address usable)."""
+    failures = []
+    for scheme, address in parse_server(server):
+        try:
+            if scheme == "grpc":
+                return infer_grpc_stream(address, inputs, timeout, on_progress)
+            return infer_http(address, inputs, timeout, ssl=scheme == "https")
+        except Unavailable as exc:
+            failures.append(str(exc))
+    raise ConnectionError("no Triton endpoint could be used: " + "; ".join(failures))
+
+
+def _served_text(metadata: dict[str, Any]) -> str:
+    model = metadata.get("model") or {}
+    text = f"Served model: `{model.get('alias_uri') or model.get('source', '?')}`"
+    if model.get("version"):
+        text += f" — {model.get('name', '')} version `{model['version']}`"
+    if model.get("weights_sha256"):
+        text += f", weights sha256 `{str(model['weights_sha256'])[:12]}…`"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the page
+
+
+CSS = """
+#status-box {min-height: 2.5em}
+#status-box .error-text {color: #c0392b; font-weight: 600}
+"""
+
+
+def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | os.PathLike = "samples",
+             lora_dir: str | os.PathLike | None = None, timeout: float = DEFAULT_TIMEOUT):
+    """The gradio page for ``server`` (``grpc://HOST:PORT``, ``http://HOST:PORT``, bare ``HOST[:PORT]`` or several,
+    comma-separated, as in ``serving.client``).
+
+    Args:
+        mlflow_uri: MLflow tracking URI: the model dropdown lists its registered versions and aliases; None shows a
+            local-folder text box instead.
+        samples_dir: results go to ``<samples_dir>/<date>/NNN.mp4|png`` + ``logs.json``.
+        lora_dir: folder of LoRA ``.safetensors`` (default ``models/Personalized_Model``, V2's).
+        timeout: seconds one request may take.
+    """
+    import gradio as gr
+
+    from easyanimate.config import V2_NEGATIVE_PROMPT
+    from easyanimate.schedulers import SAMPLERS
+
+    parse_server(server)  # a bad address fails here, not at the first click
+    samples_dir = Path(samples_dir).resolve()
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir = Path(lora_dir or DEFAULT_LORA_DIR)
+    gr.set_static_paths([str(samples_dir)])  # results and gallery are served from where they are saved
+    info_box: dict[str, ServerInfo] = {"info": server_info(server)}
+
+    def lora_note(info: ServerInfo) -> str:
+        if info.supports_lora:
+            return f"LoRA files from `{lora_dir}`; the choice is sent to the server."
+        return (f"LoRA files from `{lora_dir}`. **This server's model takes no LoRA input: a chosen LoRA is not "
+                "applied** (recorded as `lora_applied: false`). Merge it locally instead: "
+                "`easyanimate generate --lora FILE --lora-scale ALPHA`.")
+
+    def model_note(info: ServerInfo, note: str = "") -> str:
+        text = info.describe()
+        if not info.supports_model_choice:
+            text += (". The server serves one model: the selection below is recorded but not sent; start the server "
+                     "with `easyanimate serve --model <choice>` to serve another.")
+        return text + (f" ({note})" if note else "")
+
+    choices, reg_note = model_choices(mlflow_uri) if mlflow_uri else ([SERVED], "")
+
+    with gr.Blocks(title="EasyAnimate V2 (Triton)") as demo:
+        gr.Markdown("# EasyAnimate V2 — text to video\nGenerated by the Triton server at "
+                    f"`{server}`; results are saved under `{samples_dir}`.")
+        with gr.Column(variant="panel"):
+            gr.Markdown("### 1. Model checkpoints")
+            with gr.Row():
+                edition = gr.Dropdown(label="Edition", choices=list(EDITIONS), value="v2", interactive=True,
+                                      info="v1 (512×512, motion module) is not served", elem_id="edition", scale=1)
+                if mlflow_uri:
+                    model = gr.Dropdown(label="Pretrained model (MLflow registry)", choices=choices, value=SERVED,
+                                        interactive=True, elem_id="model", scale=3)
+                else:
+                    model = gr.Textbox(label="Pretrained model (local folder)", value="",
+                                       placeholder="served model; a pipeline folder is recorded, not sent",
+                                       elem_id="model", scale=3)
+                refresh = gr.Button("↻", scale=0, min_width=50, elem_id="refresh")
+            with gr.Row():
+                lora = gr.Dropdown(label="Select LoRA model", choices=[NO_LORA, *lora_files(lora_dir)], value=NO_LORA,
+                                   interactive=True, elem_id="lora", scale=2)
+                lora_alpha = gr.Slider(label="LoRA alpha", value=V2_DEFAULTS["lora_alpha"], minimum=0, maximum=2,
+                                       step=0.05, interactive=True, elem_id="lora-alpha", scale=2)
+            served = gr.Markdown(model_note(info_box["info"], reg_note), elem_id="served-model")
+            lora_info = gr.Markdown(lora_note(info_box["info"]), elem_id="lora-note")
+
+        with gr.Column(variant="panel"):
+            gr.Markdown("### 2. Configs for generation")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                placeholder="This video shows the majestic beauty of a waterfall cascading down a "
+                                            "cliff into a serene lake.")
+            negative_prompt = gr.Textbox(label="Negative prompt", lines=2, value=V2_NEGATIVE_PROMPT,
+                                         elem_id="negative-prompt")
+            with gr.Row():
+                with gr.Column():
+                    with gr.Row():
+                        sampler = gr.Dropdown(label="Sampling method", choices=list(SAMPLERS),
+                                              value=V2_DEFAULTS["sampler"], elem_id="sampler")
+                        steps = gr.Slider(label="Sampling steps", value=V2_DEFAULTS["steps"], minimum=1, maximum=100,
+                                          step=1, elem_id="steps")
+                    width = gr.Slider(label="Width", value=V2_DEFAULTS["width"], minimum=16, maximum=1280, step=16,
+                                      elem_id="width")
+                    height = gr.Slider(label="Height", value=V2_DEFAULTS["height"], minimum=16, maximum=1280,
+                                       step=16, elem_id="height")
+                    with gr.Row():
+                        is_image = gr.Checkbox(label="Generate Image", value=False, elem_id="generate-image")
+                        length = gr.Slider(label="Animation length", value=V2_DEFAULTS["num_frames"], minimum=9,
+                                           maximum=144, step=9, elem_id="length")
+                    cfg = gr.Slider(label="CFG Scale", value=V2_DEFAULTS["guidance"], minimum=0, maximum=20,
+                                    step=0.1, elem_id="cfg")
+                    with gr.Row():
+                        seed = gr.Number(label="Seed", value=V2_DEFAULTS["seed"], precision=0, minimum=0,
+                                         elem_id="seed", scale=3)
+                        dice = gr.Button("⚄", scale=0, min_width=50, elem_id="seed-dice")
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column():
+                    result_image = gr.Image(label="Generated image", visible=False, interactive=False,
+                                            elem_id="result-image")
+                    result_video = gr.Video(label="Generated animation", interactive=False, elem_id="result-video")
+                    status = gr.Markdown("", elem_id="status-box")
+        with gr.Column(variant="panel"):
+            gr.Markdown("### 3. Past results")
+            gallery = gr.Gallery(label="samples", value=gallery_items(samples_dir), columns=6, height=240,
+                                 fit_columns=False, object_fit="contain", elem_id="gallery", allow_preview=True)
+
+        # -- events ----------------------------------------------------------------------------------------------
+
+        def on_refresh():
+            info_box["info"] = info = server_info(server)
+            if mlflow_uri:
+                new_choices, note = model_choices(mlflow_uri)
+                model_update = gr.update(choices=new_choices)
+            else:
+                note, model_update = "", gr.update()
+            return (model_update, gr.update(choices=[NO_LORA, *lora_files(lora_dir)]), model_note(info, note),
+                    lora_note(info), gallery_items(samples_dir))
+
+        refresh.click(on_refresh, outputs=[model, lora, served, lora_info, gallery], queue=False)
+        dice.click(lambda: random.randint(1, MAX_SEED_UI), outputs=seed, queue=False)
+        is_image.change(lambda img: gr.update(interactive=not img), inputs=is_image, outputs=length, queue=False)
+
+        def on_generate(edition_v, model_v, lora_v, alpha_v, prompt_v, negative_v, sampler_v, steps_v, width_v,
+                        height_v, is_image_v, length_v, cfg_v, seed_v, progress=gr.Progress()):
+            keep = (gr.update(), gr.update(), gr.update(), gallery_items(samples_dir))
+
+            def fail(text: str):
+                gr.Warning(text)
+                return (*keep[:2], f'<span class="error-text">✖ {_escape(text)}</span>', keep[3], gr.update())
+
+            if not str(prompt_v or "").strip():
+                return fail("Please enter a prompt.")
+            params = {"edition": edition_v, "model": model_v or SERVED, "lora": lora_v, "lora_alpha": float(alpha_v),
+                      "prompt": prompt_v, "negative_prompt": negative_v or "", "sampler": sampler_v,
+                      "steps": int(steps_v), "width": int(width_v), "height": int(height_v),
+                      "num_frames": 1 if is_image_v else int(length_v), "guidance": float(cfg_v),
+                      "seed": int(seed_v if seed_v is not None else V2_DEFAULTS["seed"]), "fps": V2_DEFAULTS["fps"]}
+            info = info_box["info"]
+            if info.error and not info.url:  # the server was down at start: ask again
+                info_box["info"] = info = server_info(server)
+            inputs, applied = request_inputs(params, info, lora_dir)
+            progress(0, desc="waiting for the server (prompt encoding)")
+            started = time.monotonic()
+
+            def on_step(step: int, total: int) -> None:
+                progress((step, total), desc="denoising", unit="steps")
+
+            try:
+                result = run_request(server, inputs, on_step, timeout=timeout)
+            except ServerError as exc:
+                return fail(f"The server rejected the request: {exc}")
+            except ConnectionError as exc:
+                return fail(f"Cannot reach the server: {exc}")
+            except Exception as exc:  # anything else: a message, not a stack trace
+                logger.exception("generation failed")
+                return fail(f"Generation failed: {type(exc).__name__}: {exc}")
+            progress(1.0, desc="saving")
+            path = save_sample(samples_dir, result, {**params, **applied})
+            seconds = time.monotonic() - started
+            text = (f"✔ Saved `{path}` ({len(result.data) / 1024:.0f} KiB, {seconds:.1f} s, "
+                    f"{result.transport}, {len(result.progress)} progress messages)")
+            if params["lora"] != NO_LORA and not applied["lora_applied"]:
+                text += f" — LoRA `{params['lora']}` was not applied (the server takes no LoRA)."
+            image_out = gr.update(value=str(path), visible=True) if result.suffix == ".png" else gr.update(
+                value=None, visible=False)
+            video_out = gr.update(value=str(path), visible=True) if result.suffix == ".mp4" else gr.update(
+                value=None, visible=False)
+            served_text = _served_text(result.metadata)
+            if not info.supports_model_choice:
+                served_text += " (the model selection is recorded, not sent: the server serves one model)"
+            return image_out, video_out, text, gallery_items(samples_dir), served_text
+
+        generate_btn.click(
+            on_generate,
+            inputs=[edition, model, lora, lora_alpha, prompt, negative_prompt, sampler, steps, width, height, is_image,
+                    length, cfg, seed],
+            outputs=[result_image, result_video, status, gallery, served],
+            concurrency_limit=1,
+        )
+    demo.samples_dir = samples_dir  # for launch(): allowed_paths
+    return demo
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def launch(server: str, host: str = "127.0.0.1", port: int | None = None, *, mlflow_uri: str | None = None,
+           samples_dir: str | os.PathLike = "samples", lora_dir: str | os.PathLike | None = None,
+           block: bool = True, quiet: bool = True, timeout: float = DEFAULT_TIMEOUT):
+    """Build and serve the UI (loopback by default; ``port`` None = gradio's 7860 or the next free one).
+
+    Returns ``(demo, url)``; with ``block=True`` it serves until Ctrl-C first. ``demo.close()`` stops it."""
+    demo = build_ui(server, mlflow_uri=mlflow_uri, samples_dir=samples_dir, lora_dir=lora_dir, timeout=timeout)
+    demo.queue(default_concurrency_limit=1)
+    _app, url, _share = demo.launch(server_name=host, server_port=port, prevent_thread_lock=True, share=False,
+                                    quiet=quiet, inbrowser=False, ssr_mode=False, show_error=False,
+                                    allowed_paths=[str(demo.samples_dir)], css=CSS, footer_links=["api"],
+                                    mcp_server=False)
+    url = url or f"http://{host}:{demo.server_port}/"
+    if block:
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
+    return demo, url
+
+
+__all__ = ["ServerInfo", "build_ui", "gallery_items", "launch", "lora_files", "model_choices", "read_logs",
+           "registered_models", "request_inputs", "run_request", "save_sample", "server_info"]
