@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,12 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	GRADIO_ANALYTICS_ENABLED=False $(VENV)/bin/easyanimate demo --out outputs/demo
 
-test: setup
-	$(PY) -m pytest -q
+# Browser tests drive Debian's chromium (Playwright's own browser download does not work offline).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: setup browser
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check easyanimate components pipelines serving tests bench
