@@ -1,0 +1,544 @@
+"""Start a local ``tritonserver`` on our model repository, keep it serving the right model, stop it leaving nothing.
+
+``TritonServer`` runs the ``tritonserver`` that ships in the ``nvidia-pytriton`` wheel (or any given one, e.g. the NGC
+container's ``/opt/tritonserver/bin/tritonserver``) on a temporary copy of ``serving/model_repository`` whose
+``config.pbtxt`` parameters name the model source. What the launch needs and why:
+
+- a temporary backend directory holding ``python/{libtriton_python.so, triton_python_backend_utils.py,
+  triton_python_backend_stub}`` (the wheel keeps them in different folders; the stub is per Python version);
+- the stub runs Python in isolated mode: our interpreter's ``bin`` goes first on ``PATH`` (so it finds this venv's
+  site-packages) and ``LD_LIBRARY_PATH`` gets the Python ``LIBDIR``; ``EASYANIMATE_PYTHONPATH`` names this checkout
+  for ``model.py`` in case ``serving`` is not installed;
+- free ports (Triton rejects port 0), loopback addresses by default, a unique shared-memory prefix per server (the
+  stubs' ``/dev/shm`` regions; a crashed stub leaves its region behind, so ``stop`` removes ``/dev/shm/<prefix>*``);
+- ``--model-control-mode=explicit`` with the models loaded explicitly: a reload (new alias version, crashed stub)
+  is an explicit load with the config override; ``--pinned-memory-pool-byte-size=0`` (no CUDA on CPU machines);
+- stop: SIGINT (Triton drains in-flight requests for ``exit_timeout`` s), then SIGKILL of the whole process group
+  (server + stubs), then the shared-memory segments and the temp folder.
+
+The watcher (``watch_alias=True``) polls the MLflow alias every ``poll_interval`` s and loads the new version when it
+moves (the old version serves until the new one is ready); it also reloads a model whose stub process died (Triton
+keeps reporting such a model READY and answers "Stub process is not healthy") or that is not ready while the server is
+live.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+REPOSITORY = Path(__file__).resolve().parent / "model_repository"
+MODELS = ("easyanimate", "easyanimate_stream")
+TRITONSERVER_ENV = "EASYANIMATE_TRITONSERVER"  # path of a tritonserver binary (default: the pytriton wheel's)
+BACKENDS_ENV = "EASYANIMATE_TRITON_BACKENDS"  # its backend directory (default: built from the wheel's files)
+_MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+class TritonLaunchError(RuntimeError):
+    """tritonserver did not start (or a model did not load): the message carries the end of its log."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free now (Triton rejects port 0, so we pick; a race with another process is retried)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _pbtxt_string(value: str) -> str:
+    return json.dumps(str(value))  # a JSON string literal is a valid protobuf text string literal
+
+
+def set_config_parameters(text: str, params: Mapping[str, Any]) -> str:
+    """Set ``parameters: { key: "K" value: { string_value: "V" } }`` entries of a config.pbtxt text: an existing
+    key's value is replaced in place, a new key is appended."""
+    for key, value in params.items():
+        entry = f'parameters: {{ key: {_pbtxt_string(key)} value: {{ string_value: {_pbtxt_string(value)} }} }}'
+        pattern = re.compile(
+            r'parameters:\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*"(?:[^"\\]|\\.)*"'
+            r'\s*\}\s*\}')
+        text, count = pattern.subn(lambda _m, e=entry: e, text)
+        if count == 0:
+            text = text.rstrip("\n") + "\n" + entry + "\n"
+    return text
+
+
+def set_instance_count(text: str, count: int) -> str:
+    """Replace the ``count`` of the (single) instance_group of a config.pbtxt text."""
+    new, n = re.subn(r"(instance_group\s*\[\s*\{[^}]*?count:\s*)\d+", lambda m: f"{m.group(1)}{int(count)}", text)
+    if n != 1:
+        raise ValueError("expected exactly one instance_group with a count in config.pbtxt")
+    return new
+
+
+def stage_repository(target: Path, models: Sequence[str], params: Mapping[str, Any], instance_count: int | None = None,
+                     source: Path = REPOSITORY) -> Path:
+    """Copy ``models`` of ``source`` into ``target`` with their config.pbtxt parameters set → ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in models:
+        if not (source / name / "config.pbtxt").is_file():
+            raise FileNotFoundError(f"no model {name!r} in {source} (expected {source / name / 'config.pbtxt'})")
+        shutil.copytree(source / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
+        config = target / name / "config.pbtxt"
+        text = set_config_parameters(config.read_text(), params)
+        if instance_count is not None:
+            text = set_instance_count(text, instance_count)
+        config.write_text(text)
+    return target
+
+
+def bundled_tritonserver() -> tuple[Path, Path, Path]:
+    """(tritonserver binary, python backend folder, the stub for this Python) from the nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise TritonLaunchError(f"nvidia-pytriton is not installed and {TRITONSERVER_ENV} is not set") from exc
+    root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
+    binary = root / "bin" / "tritonserver"
+    for path in (binary, root / "backends" / "python" / "libtriton_python.so", stub):
+        if not path.exists():
+            raise TritonLaunchError(f"{path} is missing from the nvidia-pytriton wheel (Python {py})")
+    return binary, root / "backends" / "python", stub
+
+
+def _proc_children(ppid: int) -> list[tuple[int, list[str]]]:
+    """Live (not zombie) children of ``ppid`` with their argv (Linux /proc)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[1]) != ppid or fields[0] == "Z":
+                continue
+            argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        out.append((int(entry.name), [a.decode(errors="replace") for a in argv if a]))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the server
+
+
+class TritonServer:
+    """A local ``tritonserver`` serving EasyAnimate (a context manager).
+
+    Args:
+        model: ``tiny``, a pipeline folder, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``. An alias is resolved
+            here to a version, and both models load that version (so they serve the same weights).
+        models: which repository models to load (``easyanimate``, ``easyanimate_stream``).
+        tracking_uri: MLflow URI (default: ``$MLFLOW_TRACKING_URI``) for ``models:/`` sources.
+        host: address both endpoints bind to (default loopback; ``0.0.0.0`` in a container).
+        http_port, grpc_port, metrics_port: None picks free ports.
+        watch_alias: poll the alias (``models:/NAME@ALIAS`` only) and reload when it moves; reload crashed models.
+        poll_interval: seconds between watcher polls.
+        parameters: more config.pbtxt parameters (``device``, ``dtype``, ``torch_threads``, ``max_size``, …).
+        instance_count: instances per model (each a process with its own pipeline copy); None = config.pbtxt's.
+        env: extra environment for the server and its stubs (e.g. ``EASYANIMATE_MODEL_CACHE``).
+        startup_timeout: seconds to wait for the server and its models to be ready (big models download first).
+        exit_timeout: seconds Triton waits for in-flight requests on stop before we SIGKILL.
+        log: None = a log file in the temp folder (its tail is shown on errors), a path, or ``"-"`` = inherit
+            this process's stdout/stderr.
+        tritonserver, backend_dir: another Triton install (default: ``$EASYANIMATE_TRITONSERVER`` /
+            ``$EASYANIMATE_TRITON_BACKENDS``, else the pytriton wheel's).
+    """
+
+    def __init__(self, model: str = "tiny", *, models: Sequence[str] = MODELS, tracking_uri: str | None = None,
+                 host: str = "127.0.0.1", http_port: int | None = None, grpc_port: int | None = None,
+                 metrics_port: int | None = None, watch_alias: bool = False, poll_interval: float = 10.0,
+                 parameters: Mapping[str, Any] | None = None, instance_count: int | None = None,
+                 env: Mapping[str, str] | None = None, startup_timeout: float = 600.0, exit_timeout: int = 30,
+                 log: str | os.PathLike | None = None, tritonserver: str | os.PathLike | None = None,
+                 backend_dir: str | os.PathLike | None = None):
+        if not models:
+            raise ValueError("models must name at least one of " + ", ".join(MODELS))
+        self.model = model if model in ("tiny",) or model.startswith("models:/") else str(Path(model).resolve())
+        if self.model.startswith("/") and not Path(self.model, "model_index.json").is_file():
+            raise FileNotFoundError(f"{model} is not a pipeline folder (no model_index.json)")
+        self.models = tuple(models)
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.host = host
+        self._ports = (http_port, grpc_port, metrics_port)
+        self.watch_alias = watch_alias
+        self.poll_interval = poll_interval
+        self.parameters = dict(parameters or {})
+        self.instance_count = instance_count
+        self.env = dict(env or {})
+        self.startup_timeout = startup_timeout
+        self.exit_timeout = int(exit_timeout)
+        self.log = log
+        self.tritonserver = tritonserver or os.environ.get(TRITONSERVER_ENV)
+        self.backend_dir = backend_dir or os.environ.get(BACKENDS_ENV)
+        alias = _MODELS_ALIAS.match(self.model)
+        self.alias = (alias["name"], alias["alias"]) if alias else None
+        if watch_alias and self.alias is None:
+            logger.warning("--watch-alias only follows models:/NAME@ALIAS sources; %s is watched for crashes only",
+                           self.model)
+        self.served_version: str | None = None  # the registry version both models serve (alias sources)
+        self._failed_version: str | None = None  # an alias target that failed to load: not retried every poll
+        self.shm_prefix = f"ea{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self.proc: subprocess.Popen | None = None
+        self.http_port = self.grpc_port = self.metrics_port = None
+        self.tmp: Path | None = None
+        self.log_path: Path | None = None
+        self.reloads: list[dict[str, Any]] = []  # what the watcher did: {"model", "reason", "version", "ok"}
+        self._log_file = None
+        self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()  # one explicit load at a time (watcher vs. callers)
+
+    # -- addresses ------------------------------------------------------------------------------------------------
+
+    @property
+    def _local_host(self) -> str:
+        host = _LOOPBACK.get(self.host, self.host)
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of the KServe v2 HTTP endpoint (loopback when bound to all addresses)."""
+        return f"http://{self._local_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint (what ``tritonclient.grpc`` takes)."""
+        return f"{self._local_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._local_host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> TritonServer:
+        """Start tritonserver, load the models, wait until ready (raises ``TritonLaunchError`` with the log tail)."""
+        if self.proc is not None:
+            raise RuntimeError("this TritonServer is already started")
+        self.tmp = Path(tempfile.mkdtemp(prefix="easyanimate-triton-"))
+        try:
+            backends = self._backend_directory()
+            source = self._resolve_source()
+            params = {"model_source": source, "tracking_uri": self.tracking_uri or "",
+                      "model_alias": self.model if self.alias else "", **self.parameters}
+            repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count)
+            auto_ports = all(p is None for p in self._ports)
+            for attempt in range(3 if auto_ports else 1):
+                self._launch(repo, backends)
+                try:
+                    self._wait_ready()
+                    break
+                except TritonLaunchError as exc:
+                    busy = "already in use" in str(exc) or "Address in use" in str(exc)
+                    self._kill()
+                    if not (busy and auto_ports and attempt < 2):
+                        raise
+                    logger.warning("port taken while starting tritonserver; retrying with other ports")
+        except BaseException:
+            self.stop()
+            raise
+        if self.watch_alias:
+            self._watcher = threading.Thread(target=self._watch, name="triton-watch", daemon=True)
+            self._watcher.start()
+        logger.info("tritonserver %s ready: http %s grpc %s (%s)", self.pid, self.http_url, self.grpc_url, source)
+        return self
+
+    def _backend_directory(self) -> Path:
+        if self.backend_dir:
+            return Path(self.backend_dir)
+        _binary, python_dir, stub = bundled_tritonserver()
+        target = self.tmp / "backends" / "python"
+        target.mkdir(parents=True)
+        for path in (python_dir / "libtriton_python.so", python_dir / "triton_python_backend_utils.py", stub):
+            (target / path.name).symlink_to(path)
+        return target.parent
+
+    def _binary(self) -> str:
+        return str(self.tritonserver) if self.tritonserver else str(bundled_tritonserver()[0])
+
+    def _resolve_source(self) -> str:
+        """The model_source both models load: an alias resolved to its current version (so a reload is explicit)."""
+        if self.alias is None:
+            return self.model
+        self.served_version = self._alias_version()
+        return f"models:/{self.alias[0]}/{self.served_version}"
+
+    def _alias_version(self) -> str:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return str(client.get_model_version_by_alias(*self.alias).version)
+
+    def _environment(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])  # the isolated stub finds its prefix via PATH
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+        env["EASYANIMATE_PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        if self.tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        env.pop("PYTHONPATH", None)  # ignored by the isolated stub anyway; keep the server's view honest
+        return env
+
+    def _launch(self, repo: Path, backends: Path) -> None:
+        http, grpc, metrics = (p or free_port(_LOOPBACK.get(self.host, self.host)) for p in self._ports)
+        self.http_port, self.grpc_port, self.metrics_port = http, grpc, metrics
+        cmd = [
+            self._binary(), "--model-repository", str(repo), "--backend-directory", str(backends),
+            "--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0",
+            f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+            f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models],
+            "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout}", "--log-verbose=0",
+        ]
+        if self.log == "-":
+            out = None
+        else:
+            self.log_path = Path(self.log) if self.log else self.tmp / "tritonserver.log"
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = self.log_path.open("ab")
+            out = self._log_file
+        # own session: SIGINT from a terminal reaches us, not the server; the stubs share its process group
+        self.proc = subprocess.Popen(cmd, env=self._environment(), stdout=out,
+                                     stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return "(log not captured)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def _request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, str]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.http_url}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def _ok(self, path: str) -> bool:
+        try:
+            return self._request("GET", path, timeout=5)[0] == 200
+        except OSError:
+            return False
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise TritonLaunchError(f"tritonserver exited with {self.proc.returncode} while starting:\n"
+                                        f"{self.log_tail()}")
+            if self._ok("/v2/health/ready") and all(self._ok(f"/v2/models/{m}/ready") for m in self.models):
+                return
+            if time.monotonic() > deadline:
+                raise TritonLaunchError(f"tritonserver not ready after {self.startup_timeout:.0f} s:\n"
+                                        f"{self.log_tail()}")
+            time.sleep(0.2)
+
+    def is_live(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self._ok("/v2/health/live")
+
+    def is_ready(self, model: str | None = None) -> bool:
+        return self._ok(f"/v2/models/{model}/ready" if model else "/v2/health/ready")
+
+    def stub_pids(self, model: str) -> list[int]:
+        """Live stub processes of ``model`` (one per instance; two briefly while a reload swaps them)."""
+        if self.proc is None:
+            return []
+        marker = f"/{model}/1/model.py"
+        return [pid for pid, argv in _proc_children(self.proc.pid)
+                if len(argv) > 1 and argv[0].endswith("triton_python_backend_stub") and argv[1].endswith(marker)]
+
+    def wait(self) -> int:
+        """Block until tritonserver exits → its return code."""
+        return self.proc.wait() if self.proc else 0
+
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGINT, wait (``exit_timeout`` + 10 s by default), SIGKILL the process group; remove the SHM segments
+        and the temp folder. Safe to call twice."""
+        self._stop_watch.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=60)
+            self._watcher = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                try:
+                    self.proc.send_signal(signal.SIGINT)
+                    self.proc.wait(timeout=self.exit_timeout + 10 if timeout is None else timeout)
+                except subprocess.TimeoutExpired:
+                    logger.warning("tritonserver %s did not stop in time: SIGKILL", self.proc.pid)
+            self._kill()
+        self.proc = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self._remove_shm()
+        if self.tmp is not None:
+            if self.log_path is not None and self.log_path.is_relative_to(self.tmp):
+                self.log_path = None
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def _kill(self) -> None:
+        """SIGKILL whatever is left of the server's process group (server, stubs) and reap the server."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group id is the server's pid
+        deadline = time.monotonic() + 15
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            if self.proc.poll() is None:
+                try:
+                    self.proc.wait(timeout=1)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.wait(timeout=5)
+        if _group_alive(pgid):
+            logger.error("processes of tritonserver group %s survived SIGKILL", pgid)
+
+    def shm_segments(self) -> list[Path]:
+        return sorted(Path("/dev/shm").glob(f"{self.shm_prefix}*")) if Path("/dev/shm").is_dir() else []
+
+    def _remove_shm(self) -> None:
+        for path in self.shm_segments():
+            try:
+                path.unlink()
+            except OSError as exc:
+                logger.warning("could not remove %s: %s", path, exc)
+
+    # -- explicit loads and the watcher ------------------------------------------------------------------------------
+
+    def model_config(self, model: str) -> dict[str, Any]:
+        status, body = self._request("GET", f"/v2/models/{model}/config")
+        if status != 200:
+            raise TritonLaunchError(f"config of {model}: HTTP {status}: {body}")
+        return json.loads(body)
+
+    def load(self, model: str, source: str | None = None, unload_first: bool = False) -> None:
+        """Explicitly (re)load ``model``; ``source`` replaces its ``model_source`` parameter (a config override:
+        Triton loads the new one while the old keeps serving, then swaps). ``unload_first`` for a crashed stub."""
+        with self._lock:
+            config = self.model_config(model)
+            if source is not None:
+                config.setdefault("parameters", {})["model_source"] = {"string_value": source}
+            if unload_first:
+                self._request("POST", f"/v2/repository/models/{model}/unload", {}, timeout=60)
+            status, body = self._request("POST", f"/v2/repository/models/{model}/load",
+                                         {"parameters": {"config": json.dumps(config)}}, timeout=self.startup_timeout)
+        if status != 200:
+            raise TritonLaunchError(f"loading {model} ({source or 'same source'}) failed: HTTP {status}: {body}")
+
+    def _record(self, model: str, reason: str, version: str | None, ok: bool, error: str = "") -> None:
+        self.reloads.append({"model": model, "reason": reason, "version": version, "ok": ok, "error": error,
+                             "time": time.time()})
+        (logger.info if ok else logger.error)("reload %s (%s, version %s): %s", model, reason, version,
+                                              "ok" if ok else error)
+
+    def check_once(self) -> None:
+        """One watcher pass: follow the alias; reload crashed or unready models."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self.alias is not None:
+            try:
+                version = self._alias_version()
+            except Exception as exc:  # registry briefly unreachable: keep serving what we have
+                logger.warning("could not resolve models:/%s@%s: %s", *self.alias, exc)
+                version = self.served_version
+            if version not in (self.served_version, self._failed_version):
+                source = f"models:/{self.alias[0]}/{version}"
+                ok = True
+                for model in self.models:
+                    try:
+                        self.load(model, source)
+                        self._record(model, f"alias {self.alias[1]} moved", version, True)
+                    except Exception as exc:
+                        ok = False
+                        self._record(model, f"alias {self.alias[1]} moved", version, False, str(exc))
+                if ok:
+                    self.served_version, self._failed_version = version, None
+                else:  # keep serving what loads; try again only when the alias moves on
+                    self._failed_version = version
+        if not self.is_live():
+            return
+        expected = self.instance_count or 1
+        for model in self.models:
+            ready = self.is_ready(model)
+            stubs = len(self.stub_pids(model))
+            if ready and stubs >= expected:
+                continue
+            reason = "not ready" if not ready else f"stub process died ({stubs}/{expected} alive)"
+            try:
+                self.load(model, unload_first=True)
+                self._record(model, reason, self.served_version, True)
+            except Exception as exc:
+                self._record(model, reason, self.served_version, False, str(exc))
+
+    def _watch(self) -> None:
+        while not self._stop_watch.wait(self.poll_interval):
+            try:
+                self.check_once()
+            except Exception:  # the watcher must outlive a bad poll
+                logger.exception("triton watcher pass failed")
+
+
+__all__ = ["MODELS", "REPOSITORY", "TritonLaunchError", "TritonServer", "bundled_tritonserver", "free_port",
+           "set_config_parameters", "set_instance_count", "stage_repository"]

@@ -1,0 +1,298 @@
+"""The Triton request schema of ``easyanimate`` / ``easyanimate_stream``: parse and validate, nothing else.
+
+Pure functions on a ``{input name: numpy array}`` dict (what the Python backend hands over, and what clients build
+with ``to_inputs``). No Triton, torch or MLflow import: the stub adapter (``serving/triton_model.py``), the clients
+and the unit tests share this module. Every violation raises ONE ``RequestError`` whose message names the input, what
+was expected and what came, e.g. ``NUM_FRAMES must be 1 or a multiple of 9 up to 144, got 10``.
+
+============== ======== ==================================================================================
+input          datatype meaning (every input is shape [1]; all but PROMPT are optional)
+============== ======== ==================================================================================
+PROMPT         BYTES    UTF-8 text, 1 … ``max_prompt_chars`` characters (Unicode code points, after decoding)
+NEGATIVE_PROMPT BYTES   UTF-8 text, 0 … ``max_prompt_chars`` characters (default: V2's negative prompt)
+SEED           INT64    0 … 2**63-1 (default 43)
+STEPS          INT64    1 … 100 (default 50; PNDM needs ≥ 4)
+GUIDANCE       FP32     finite, 0 … 20 (default 6.0; ≤ 1 disables classifier-free guidance)
+NUM_FRAMES     INT64    1 (an image, PNG) or a multiple of 9 up to 144 (default 144)
+HEIGHT, WIDTH  INT64    multiples of 16 within [16, 1280] (defaults 384 × 672)
+FPS            INT64    1 … 60 (default 24)
+SAMPLER        BYTES    Euler | Euler A | DPM++ | PNDM | DDIM (case-insensitive; default DPM++)
+============== ======== ==================================================================================
+
+Outputs: ``VIDEO`` (BYTES [1]: MP4, or PNG for one frame) and ``METADATA`` (BYTES [1]: JSON); the streaming model also
+sends ``PROGRESS`` (BYTES [1]: JSON ``{"step": i, "total": n}``) once per denoising step before the video.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+MAX_SEED = 2**63 - 1
+
+# input name → (request field, Triton datatype); the order is the documented one
+INPUTS: dict[str, tuple[str, str]] = {
+    "PROMPT": ("prompt", "BYTES"),
+    "NEGATIVE_PROMPT": ("negative_prompt", "BYTES"),
+    "SEED": ("seed", "INT64"),
+    "STEPS": ("steps", "INT64"),
+    "GUIDANCE": ("guidance", "FP32"),
+    "NUM_FRAMES": ("num_frames", "INT64"),
+    "HEIGHT": ("height", "INT64"),
+    "WIDTH": ("width", "INT64"),
+    "FPS": ("fps", "INT64"),
+    "SAMPLER": ("sampler", "BYTES"),
+}
+REQUIRED = ("PROMPT",)
+OUTPUTS = ("VIDEO", "METADATA")
+STREAM_OUTPUTS = ("VIDEO", "METADATA", "PROGRESS")
+_FIELD_TO_INPUT = {f: name for name, (f, _) in INPUTS.items()}
+_COERCE = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": float, "num_frames": int,
+           "height": int, "width": int, "fps": int, "sampler": str}
+# GenerateConfig / pyfunc spellings accepted in defaults
+_DEFAULT_ALIASES = {"guidance_scale": "guidance", "num_inference_steps": "steps", "frames": "num_frames"}
+
+
+class RequestError(ValueError):
+    """A request that does not fit the schema: the message says which input, what was expected and what came."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a served model accepts (the model adapter derives them from the loaded pipeline and config.pbtxt).
+
+    Args:
+        size_multiple: HEIGHT/WIDTH must be multiples of this (VAE ×8 times the DiT patch 2 = 16 for V2).
+        min_size, max_size: inclusive pixel bounds of HEIGHT and WIDTH (V2's UI: up to 1280).
+        frame_multiple: NUM_FRAMES must be 1 or a multiple of this (the VAE's 9-frame chunk).
+        max_frames: inclusive upper bound of NUM_FRAMES (V2 trains and samples up to 144).
+        max_steps: inclusive upper bound of STEPS (V2's UI slider: 100).
+        max_guidance: inclusive upper bound of GUIDANCE (V2's UI slider: 20).
+        max_prompt_chars: bound on PROMPT and NEGATIVE_PROMPT in characters (code points after UTF-8 decoding);
+            V2 truncates to 120 tokens anyway, this only keeps absurd requests out.
+        max_fps: inclusive upper bound of FPS.
+    """
+
+    size_multiple: int = 16
+    min_size: int = 16
+    max_size: int = 1280
+    frame_multiple: int = 9
+    max_frames: int = 144
+    max_steps: int = 100
+    max_guidance: float = 20.0
+    max_prompt_chars: int = 2000
+    max_fps: int = 60
+
+    def __post_init__(self):
+        if self.min_size % self.size_multiple or self.max_size % self.size_multiple or self.min_size > self.max_size:
+            raise ValueError(f"size bounds {self.min_size}..{self.max_size} must be multiples of {self.size_multiple}")
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request; field names are the pyfunc's request columns (``serving/pyfunc.py``)."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    num_frames: int
+    height: int
+    width: int
+    fps: int
+    sampler: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def v2_defaults() -> dict[str, Any]:
+    """EasyAnimate V2's predict defaults (``GenerateConfig``): DPM++, 50 steps, guidance 6.0, 144 × 384 × 672,
+    seed 43, 24 fps, V2's negative prompt."""
+    from easyanimate.config import GenerateConfig
+
+    g = GenerateConfig()
+    return {"negative_prompt": g.negative_prompt, "seed": g.seed, "steps": g.steps, "guidance": g.guidance_scale,
+            "num_frames": g.num_frames, "height": g.height, "width": g.width, "fps": g.fps, "sampler": g.sampler}
+
+
+def merge_defaults(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """V2's defaults updated with a model's own (request column names or GenerateConfig names; ``prompt`` and
+    unknown keys such as ``torch_dtype`` are ignored)."""
+    out = v2_defaults()
+    for key, value in (overrides or {}).items():
+        key = _DEFAULT_ALIASES.get(key, key)
+        if key in out and value is not None:
+            out[key] = _COERCE[key](value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def _datatype(arr: np.ndarray) -> str:
+    """The Triton datatype name of a numpy array (for messages)."""
+    kind = arr.dtype.kind
+    if kind in "OSU":
+        return "BYTES"
+    if kind == "b":
+        return "BOOL"
+    names = {"i": "INT", "u": "UINT", "f": "FP"}
+    return f"{names.get(kind, arr.dtype.name)}{arr.dtype.itemsize * 8}" if kind in names else arr.dtype.name
+
+
+def _single(name: str, value: Any) -> Any:
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise RequestError(f"{name} must hold exactly one value (shape [1]), got shape {list(arr.shape)}")
+    return arr
+
+
+def _text(name: str, value: Any, limits: Limits, allow_empty: bool) -> str:
+    arr = _single(name, value)
+    if arr.dtype.kind not in "OSU":
+        raise RequestError(f"{name} must be BYTES (a UTF-8 string), got {_datatype(arr)}")
+    item = arr.reshape(-1)[0]
+    if isinstance(item, (bytes, np.bytes_)):
+        try:
+            text = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    elif isinstance(item, str):
+        text = item
+    else:
+        raise RequestError(f"{name} must be BYTES (a UTF-8 string), got a {type(item).__name__}")
+    if len(text) > limits.max_prompt_chars:
+        raise RequestError(f"{name} must be at most {limits.max_prompt_chars} characters, got {len(text)}")
+    if "\x00" in text:
+        raise RequestError(f"{name} must not contain NUL characters")
+    if not allow_empty and not text.strip():
+        raise RequestError(f"{name} must not be empty")
+    return text
+
+
+def _int(name: str, value: Any) -> int:
+    arr = _single(name, value)
+    if arr.dtype.kind not in "iu":
+        raise RequestError(f"{name} must be INT64, got {_datatype(arr)}")
+    return int(arr.reshape(-1)[0])
+
+
+def _float(name: str, value: Any) -> float:
+    arr = _single(name, value)
+    if arr.dtype.kind not in "fiu":
+        raise RequestError(f"{name} must be FP32, got {_datatype(arr)}")
+    return float(arr.reshape(-1)[0])
+
+
+def _sampler(name: str, text: str) -> str:
+    from easyanimate.schedulers import canonical_sampler  # lazy: diffusers is a heavy import for a pure module
+
+    try:
+        return canonical_sampler(text)
+    except ValueError as exc:
+        raise RequestError(f"{name}: {exc}") from None
+
+
+def check_request(req: GenerationRequest, limits: Limits) -> GenerationRequest:
+    """Range checks of a typed request (also run on a model's defaults at load time); returns it unchanged."""
+    n, m = req.num_frames, limits.frame_multiple
+    if not (n == 1 or (n >= m and n % m == 0 and n <= limits.max_frames)):
+        raise RequestError(f"NUM_FRAMES must be 1 or a multiple of {m} up to {limits.max_frames}, got {n}")
+    for name, size in (("HEIGHT", req.height), ("WIDTH", req.width)):
+        if size % limits.size_multiple or not limits.min_size <= size <= limits.max_size:
+            raise RequestError(f"{name} must be a multiple of {limits.size_multiple} between {limits.min_size} and "
+                               f"{limits.max_size}, got {size}")
+    if not 1 <= req.steps <= limits.max_steps:
+        raise RequestError(f"STEPS must be between 1 and {limits.max_steps}, got {req.steps}")
+    if req.sampler == "PNDM" and req.steps < 4:
+        raise RequestError(f"STEPS must be at least 4 with the PNDM sampler (its Runge-Kutta warm-up), got {req.steps}")
+    if not (math.isfinite(req.guidance) and 0.0 <= req.guidance <= limits.max_guidance):
+        raise RequestError(f"GUIDANCE must be a finite number between 0 and {limits.max_guidance:g}, "
+                           f"got {req.guidance!r}")
+    if not 0 <= req.seed <= MAX_SEED:
+        raise RequestError(f"SEED must be between 0 and {MAX_SEED}, got {req.seed}")
+    if not 1 <= req.fps <= limits.max_fps:
+        raise RequestError(f"FPS must be between 1 and {limits.max_fps}, got {req.fps}")
+    return req
+
+
+def parse_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,
+                  limits: Limits | None = None) -> GenerationRequest:
+    """``{input name: array of one element}`` → a validated ``GenerationRequest``.
+
+    Args:
+        inputs: the request's inputs (numpy arrays; BYTES as object arrays of ``bytes``). Absent optional inputs
+            take ``defaults``.
+        defaults: full set of defaults under the request field names (``merge_defaults(...)``); None = V2's.
+        limits: what the model accepts; None = ``Limits()`` (V2's ranges).
+
+    Raises ``RequestError`` at the first violation: a missing PROMPT, an unknown input, a wrong datatype or shape,
+    text that is not UTF-8 or too long, an unknown sampler, or a number out of range.
+    """
+    limits = limits or Limits()
+    unknown = sorted(set(inputs) - set(INPUTS))
+    if unknown:
+        raise RequestError(f"unknown input {unknown[0]!r}: expected some of {', '.join(INPUTS)}")
+    for name in REQUIRED:
+        if name not in inputs:
+            raise RequestError(f"{name} is required")
+
+    values = merge_defaults(defaults)
+    values["sampler"] = _sampler("SAMPLER", str(values["sampler"]))  # a default spelled "dpm++" is fine too
+    for name, (field, _dtype) in INPUTS.items():
+        if name not in inputs:
+            continue
+        raw = inputs[name]
+        if name in ("PROMPT", "NEGATIVE_PROMPT"):
+            values[field] = _text(name, raw, limits, allow_empty=name == "NEGATIVE_PROMPT")
+        elif name == "SAMPLER":
+            values[field] = _sampler(name, _text(name, raw, limits, allow_empty=False))
+        elif name == "GUIDANCE":
+            values[field] = _float(name, raw)
+        else:
+            values[field] = _int(name, raw)
+    req = GenerationRequest(**{f.name: _COERCE[f.name](values[f.name]) for f in fields(GenerationRequest)})
+    return check_request(req, limits)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the client side of the schema
+
+
+def to_inputs(prompt: str, **params: Any) -> dict[str, np.ndarray]:
+    """Request fields → ``{input name: numpy array of shape [1]}`` with the schema's datatypes (None = omitted, so
+    the server's default applies). Field names as in ``GenerationRequest``."""
+    out = {"PROMPT": np.array([prompt.encode("utf-8")], dtype=object)}
+    for field, value in params.items():
+        if field not in _FIELD_TO_INPUT or field == "prompt":
+            raise TypeError(f"unknown request field {field!r}: expected some of {list(_FIELD_TO_INPUT)}")
+        if value is None:
+            continue
+        name = _FIELD_TO_INPUT[field]
+        dtype = INPUTS[name][1]
+        if dtype == "BYTES":
+            out[name] = np.array([str(value).encode("utf-8")], dtype=object)
+        elif dtype == "FP32":
+            out[name] = np.array([value], dtype=np.float32)
+        else:
+            out[name] = np.array([value], dtype=np.int64)
+    return out
+
+
+def numpy_dtype(datatype: str):
+    """Numpy dtype for a Triton datatype name of this schema."""
+    return {"BYTES": np.object_, "INT64": np.int64, "FP32": np.float32}[datatype]
+
+
+__all__ = ["GenerationRequest", "INPUTS", "Limits", "MAX_SEED", "OUTPUTS", "REQUIRED", "RequestError",
+           "STREAM_OUTPUTS", "check_request", "merge_defaults", "numpy_dtype", "parse_request", "to_inputs",
+           "v2_defaults"]

@@ -1,0 +1,353 @@
+"""The Triton Python-backend adapter shared by ``easyanimate`` and ``easyanimate_stream``.
+
+Each ``serving/model_repository/<model>/1/model.py`` only imports ``TritonPythonModel`` from here. The adapter:
+``initialize`` loads one pipeline (``load_model``), ``execute`` turns each request into a ``GenerationRequest``
+(``serving/request.py``), runs ``generate`` and answers with ``VIDEO`` + ``METADATA`` — or with one ``TritonError``
+for that request only (INVALID_ARG for a bad request, INTERNAL for a failure while generating), so the instance stays
+healthy. The decoupled ``easyanimate_stream`` sends a ``PROGRESS`` response after every denoising step, then the video,
+then the final flag.
+
+Model parameters (``config.pbtxt`` ``parameters``, runtime knobs only; empty = the default/env):
+
+================ ======================================================================================================
+model_source     ``tiny`` (random tiny weights), a pipeline folder, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``
+                 (default: env ``EASYANIMATE_MODEL_URI``)
+tracking_uri     MLflow tracking URI for ``models:/`` sources (default: env ``MLFLOW_TRACKING_URI``)
+model_alias      informational: the ``models:/NAME@ALIAS`` the launcher resolved ``model_source`` from (in METADATA)
+device           ``auto`` (cuda when available) | ``cpu`` | ``cuda`` | ``cuda:N``
+dtype            transformer/VAE dtype: empty = as stored, or float32 | bfloat16 | float16
+torch_threads    intra-op CPU threads per instance (0 = torch's default)
+max_size         largest HEIGHT/WIDTH accepted (default 1280)
+max_frames       largest NUM_FRAMES accepted (default 144; lowered to what the motion module's table allows)
+================ ======================================================================================================
+
+``load_model`` and ``generate`` do not need the stub: the benchmark and tests call them in-process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .request import GenerationRequest, Limits, RequestError, check_request, merge_defaults, parse_request
+
+try:  # only inside the Triton stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # tests, bench
+    pb_utils = None
+
+MODEL_URI_ENV = "EASYANIMATE_MODEL_URI"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_HASH_LIMIT = 2 << 30  # hash local folders up to 2 GiB at load; bigger ones (the official 16 GB) are not re-hashed
+
+
+class Cancelled(Exception):
+    """The client went away (or cancelled) while the request was being generated."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline and what METADATA says about it."""
+
+    pipe: Any
+    limits: Limits
+    defaults: dict[str, Any]
+    info: dict[str, Any]  # name, version, source, alias, weights_sha256
+    load_seconds: float
+
+
+def parameters_of(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """``{"key": {"string_value": v}}`` parameters of a Triton model config → ``{"key": v}``."""
+    return {k: str(v.get("string_value", "")) for k, v in (model_config.get("parameters") or {}).items()}
+
+
+def _digest_modules(*modules) -> str:
+    """sha256 over the parameters of in-memory modules (names and raw bytes, in name order)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for module in modules:
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _folder_digest(folder: Path) -> str | None:
+    from .pyfunc import manifest_digest, weights_manifest
+
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return manifest_digest(weights_manifest(folder)) if size <= _HASH_LIMIT else None
+
+
+def _registered(source: str, tracking_uri: str | None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """``models:/NAME@ALIAS|VERSION`` → (local pipeline folder, model info, the version's generate defaults)."""
+    import mlflow
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from .registry import download_pipeline
+
+    m = _MODELS_URI.match(source)
+    if m is None:
+        raise ValueError(f"model_source {source!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
+          else client.get_model_version(m["name"], m["version"]))
+    pinned = f"models:/{mv.name}/{mv.version}"  # the alias may move while we download: load what we resolved
+    folder = download_pipeline(pinned, tracking_uri)
+    defaults: dict[str, Any] = {}
+    root = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
+    with tempfile.TemporaryDirectory() as tmp:  # the pyfunc's model_config holds the version's generate defaults
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp,
+                                                      tracking_uri=client.tracking_uri)
+        flavor = (yaml.safe_load(Path(mlmodel).read_text()).get("flavors") or {}).get("python_function") or {}
+        defaults = dict(flavor.get("config") or {})
+    info = {"name": mv.name, "version": str(mv.version), "source": pinned,
+            "alias": m["alias"], "weights_sha256": (mv.tags or {}).get("weights_sha256"),
+            "run_id": mv.run_id, "git_commit": (mv.tags or {}).get("git_commit")}
+    return folder, info, defaults
+
+
+def load_model(source: str, tracking_uri: str | None = None, device: str = "auto", dtype: str = "",
+               max_size: int = 1280, max_frames: int = 144, alias_uri: str = "") -> LoadedModel:
+    """Load the pipeline a model source names.
+
+    Args:
+        source: ``tiny`` (the tiny preset, random weights, its generate section as defaults), a pipeline folder
+            (V2's defaults), or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (downloaded once into the model
+            cache; defaults from the registered pyfunc's ``model_config``, else V2's).
+        tracking_uri: MLflow URI for ``models:/`` sources.
+        device: ``auto`` | ``cpu`` | ``cuda[:N]``.
+        dtype: transformer/VAE dtype (empty = as stored).
+        max_size, max_frames: upper bounds of HEIGHT/WIDTH and NUM_FRAMES.
+        alias_uri: the ``models:/NAME@ALIAS`` a pinned version was resolved from (recorded in ``info``).
+    """
+    import torch
+
+    from easyanimate.config import load_config
+    from easyanimate.pipeline import EasyAnimatePipeline, build_pipeline, resolve_dtype
+    from easyanimate.schedulers import canonical_sampler
+
+    start = time.perf_counter()
+    if not source:
+        raise ValueError(f"no model source: set the model_source parameter or {MODEL_URI_ENV}")
+    if source == "tiny":
+        cfg = load_config("tiny")
+        pipe = build_pipeline(cfg.model)
+        if dtype:
+            pipe.to(dtype=resolve_dtype(dtype))
+        defaults = dict(vars(cfg.generate))
+        info = {"name": "tiny", "version": f"random-init-seed{cfg.model.init_seed}", "source": "tiny",
+                "weights_sha256": _digest_modules(pipe.transformer, pipe.vae)}
+    elif source.startswith("models:/"):
+        folder, info, defaults = _registered(source, tracking_uri)
+        # the version's own torch_dtype (pyfunc model_config) unless the server sets one
+        pipe = EasyAnimatePipeline.from_pretrained(folder, torch_dtype=dtype or defaults.get("torch_dtype") or None)
+    else:
+        folder = Path(source).expanduser().resolve()
+        pipe = EasyAnimatePipeline.from_pretrained(folder, torch_dtype=dtype or None)
+        defaults = {}
+        info = {"name": folder.name, "version": "local", "source": str(folder),
+                "weights_sha256": _folder_digest(folder)}
+    if alias_uri:
+        info["alias_uri"] = alias_uri
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":  # loaded on the CPU
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    m = pipe.size_multiple
+    frame_multiple = pipe.vae.config.mini_batch_encoder
+    top = max_frames - max_frames % frame_multiple
+    table = pipe.transformer.config.motion_module_kwargs.get("temporal_position_encoding_max_len", 4096)
+    while top >= frame_multiple and pipe.latent_frames(top) > table:
+        top -= frame_multiple
+    limits = Limits(size_multiple=m, min_size=m, max_size=max(m, max_size - max_size % m),
+                    frame_multiple=frame_multiple, max_frames=max(top, 1))
+    defaults = merge_defaults(defaults)
+    try:
+        defaults["sampler"] = canonical_sampler(defaults["sampler"])
+        check_request(GenerationRequest(prompt="-", **defaults), limits)
+    except ValueError as exc:
+        raise ValueError(f"the generate defaults of {info['source']} do not fit what it serves: {exc}") from None
+    info["device"] = str(device)
+    return LoadedModel(pipe=pipe, limits=limits, defaults=defaults, info=info,
+                       load_seconds=round(time.perf_counter() - start, 3))
+
+
+def generate(model: LoadedModel, req: GenerationRequest,
+             on_step: Callable[[int, int], bool | None] | None = None) -> tuple[bytes, str, dict[str, Any]]:
+    """One request → ``(media bytes, mime, metadata)``; the same pipeline call as ``easyanimate generate``.
+
+    ``on_step(step, total)`` runs after each denoising step (1-based); returning False stops and raises
+    ``Cancelled``. Metadata: seed, resolved parameters, model info, timings (s) of load / encode (text) /
+    denoise / decode (VAE) / encode_media (MP4 or PNG) / total.
+    """
+    import torch
+
+    from easyanimate.video import encode_media
+
+    pipe = model.pipe
+    timings = {"load": model.load_seconds, "encode": 0.0}
+    encode_prompt = pipe.encode_prompt
+
+    def timed_encode(*args, **kwargs):
+        begin = time.perf_counter()
+        try:
+            return encode_prompt(*args, **kwargs)
+        finally:
+            timings["encode"] += time.perf_counter() - begin
+
+    stopped = []
+
+    def callback(p, i, _t, _kwargs):
+        if on_step is not None and on_step(i + 1, len(p.scheduler.timesteps)) is False:
+            p.interrupt = True
+            stopped.append(i + 1)
+
+    start = time.perf_counter()
+    pipe.set_sampler(req.sampler)  # a fresh scheduler per request: no state carried over
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+    pipe.encode_prompt = timed_encode  # instance attribute: times both prompt encodings of this call
+    try:
+        latents = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.num_frames,
+                       height=req.height, width=req.width, num_inference_steps=req.steps,
+                       guidance_scale=req.guidance, generator=generator, output_type="latent",
+                       callback_on_step_end=callback, show_progress=False).videos
+    finally:
+        del pipe.encode_prompt
+    if stopped:
+        raise Cancelled(f"cancelled after step {stopped[0]}")
+    timings["denoise"] = time.perf_counter() - start - timings["encode"]
+    begin = time.perf_counter()
+    frames = pipe.decode_latents(latents, generator=generator)  # what output_type="pt" does
+    timings["decode"] = time.perf_counter() - begin
+    begin = time.perf_counter()
+    data, suffix = encode_media(frames[0], fps=req.fps)
+    timings["encode_media"] = time.perf_counter() - begin
+    timings["total"] = time.perf_counter() - start
+    mime = "image/png" if suffix == ".png" else "video/mp4"
+    metadata = {"seed": req.seed, "mime": mime, "bytes": len(data), "model": dict(model.info),
+                "parameters": req.to_dict(), "timings": {k: round(v, 4) for k, v in timings.items()}}
+    return data, mime, metadata
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the Triton adapter
+
+
+def _bytes_tensor(name: str, value: bytes | str):
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return pb_utils.Tensor(name, np.array([data], dtype=np.object_))
+
+
+class TritonPythonModel:
+    """``easyanimate`` (one response per request) and ``easyanimate_stream`` (decoupled: progress, video, final)."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import torch
+
+        self.model_config = json.loads(args["model_config"])
+        self.name = args.get("model_name", self.model_config.get("name", "easyanimate"))
+        self.instance = args.get("model_instance_name", "")
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
+        params = parameters_of(self.model_config)
+        threads = int(params.get("torch_threads") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.model = load_model(
+            params.get("model_source") or os.environ.get(MODEL_URI_ENV, ""),
+            tracking_uri=params.get("tracking_uri") or os.environ.get(TRACKING_URI_ENV) or None,
+            device=params.get("device") or "auto",
+            dtype=params.get("dtype") or "",
+            max_size=int(params.get("max_size") or 1280),
+            max_frames=int(params.get("max_frames") or 144),
+            alias_uri=params.get("model_alias") or "",
+        )
+        self._log("info", f"{self.instance or self.name}: loaded {self.model.info['source']} "
+                          f"(version {self.model.info['version']}) in {self.model.load_seconds:.1f} s")
+
+    def _log(self, level: str, message: str) -> None:
+        logger = getattr(pb_utils, "Logger", None)
+        if logger is not None:
+            getattr(logger, f"log_{level}")(message)
+
+    def _error(self, exc: BaseException):
+        if isinstance(exc, RequestError):
+            return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
+        if isinstance(exc, Cancelled):
+            return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)
+        if isinstance(exc, ValueError):  # the pipeline's own checks (e.g. a size its VAE cannot take)
+            return pb_utils.TritonError(f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
+        self._log("error", f"{self.name}: generation failed: {traceback.format_exc()}")
+        return pb_utils.TritonError(f"generation failed: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+
+    def _parse(self, request) -> GenerationRequest:
+        inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+        return parse_request(inputs, self.model.defaults, self.model.limits)
+
+    def _outputs(self, data: bytes, metadata: dict[str, Any]) -> list:
+        metadata = {**metadata, "triton_model": self.name, "instance": self.instance}
+        return [_bytes_tensor("VIDEO", data), _bytes_tensor("METADATA", json.dumps(metadata))]
+
+    def execute(self, requests):
+        if self.decoupled:
+            for request in requests:
+                self._stream(request)
+            return None
+        responses = []
+        for request in requests:
+            try:
+                data, _mime, metadata = generate(self.model, self._parse(request))
+                responses.append(pb_utils.InferenceResponse(output_tensors=self._outputs(data, metadata)))
+            except Exception as exc:  # one failed request, not a failed instance
+                responses.append(pb_utils.InferenceResponse(error=self._error(exc)))
+        return responses
+
+    def _stream(self, request) -> None:
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        cancelled = getattr(request, "is_cancelled", lambda: False)
+        last = {"step": 0, "total": 0}
+
+        def on_step(step: int, total: int) -> bool:
+            if cancelled():
+                return False
+            last.update(step=step, total=total)
+            progress = json.dumps({"step": step, "total": total})
+            sender.send(pb_utils.InferenceResponse(
+                output_tensors=[_bytes_tensor("VIDEO", b""), _bytes_tensor("PROGRESS", progress)]))
+            return True
+
+        try:
+            req = self._parse(request)
+            data, _mime, metadata = generate(self.model, req, on_step=on_step)
+            done = json.dumps({**last, "done": True})
+            sender.send(pb_utils.InferenceResponse(
+                output_tensors=[*self._outputs(data, metadata), _bytes_tensor("PROGRESS", done)]))
+            sender.send(flags=final)
+        except Exception as exc:
+            try:
+                sender.send(pb_utils.InferenceResponse(error=self._error(exc)), flags=final)
+            except Exception:  # the client is gone: nothing left to tell it
+                self._log("warn", f"{self.name}: could not send the error response: {exc}")
+
+    def finalize(self) -> None:
+        self.model = None
+
+
+__all__ = ["Cancelled", "LoadedModel", "TritonPythonModel", "generate", "load_model", "parameters_of"]
