@@ -50,3 +50,16 @@ def spiece_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("spiece")
     (folder / "spiece.model").write_bytes(model.getvalue())
     return folder
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` (SQLite store, local artifacts, free loopback port) for the whole session; stopped
+    at the end, and the test fails if it left processes behind."""
+    from serving.mlflow_local import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        yield server.uri
+    finally:
+        assert server.stop(), "mlflow server left processes behind after SIGTERM"

@@ -1,11 +1,9 @@
-"""Fixtures of the pipeline tests: the real MLflow server of tests/serving, a small real input folder."""
+"""Fixtures of the pipeline tests: a small real input folder (the MLflow server fixture is in tests/conftest.py)."""
 
 import shutil
 from pathlib import Path
 
 import pytest
-
-from tests.serving.conftest import mlflow_server  # noqa: F401  (session fixture: a real `mlflow server`)
 
 # a quick local pipeline run: tiny preset, 2 optimizer steps, 1 held-out clip, 1 evaluation prompt, 1 sampler step
 FAST_OVERRIDES = [
