@@ -22,6 +22,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .fsutil import replace_dir
 from .models.autoencoder_magvit import AutoencoderKLMagvit
 from .models.text_encoder import load_encoder, load_tokenizer, resolve_text_encoder_dirs
 from .models.transformer3d import Transformer3DModel
@@ -191,14 +192,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
                 self.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp / "tokenizer")
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -7,8 +7,6 @@ Files are written to a temporary name and renamed, so a reader never sees half a
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import av
 import numpy as np
 import torch
 from PIL import Image
+
+from .fsutil import atomic_write_bytes
 
 
 def to_uint8_frames(video) -> np.ndarray:
@@ -74,20 +74,6 @@ def encode_media(frames, fps: int = 24) -> tuple[bytes, str]:
     if frames.shape[0] == 1:
         return image_to_png_bytes(frames), ".png"
     return video_to_mp4_bytes(frames, fps), ".mp4"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_video(path: str | Path, frames, fps: int = 24) -> Path:

@@ -74,6 +74,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..fsutil import replace_dir
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -466,13 +468,8 @@ def save_checkpoint(
                 save_tree(state, tmp / "rng", f"rank-{r}")
             save_tree(extra or {}, tmp, "extra")
             _write_json(tmp / "checkpoint.json", meta)  # written last: its presence marks a complete folder
-            if final.exists():  # re-saving the same step (e.g. after a resume): swap
-                old = final.parent / f"{_TMP_PREFIX}old-{int(step)}-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            # re-saving the same step (e.g. after a resume) swaps; the old one takes a temp name _prune cleans
+            replace_dir(tmp, final, old_name=f"{_TMP_PREFIX}old-{int(step)}-{uuid.uuid4().hex[:8]}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

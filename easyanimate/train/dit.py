@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..data.dataset import build_dataloader, load_train_validation
+from ..fsutil import replace_dir
 from ..pipeline import build_pipeline
 from ..tracking import JsonlTracker, NullTracker, Tracker
 from ..video import write_video
@@ -439,14 +440,7 @@ def export_final(pipe, cfg: Config, output: Path, lora: bool, ema, params) -> Pa
                     "model": cfg.to_dict()["model"],
                     "note": "apply with easyanimate.models.lora.merge_lora(base.transformer, lora.safetensors, 1.0)"}
             (tmp / "base_model.json").write_text(json.dumps(base, indent=1))
-            if final.exists():
-                old = output / ".final.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import time
 import uuid
@@ -40,6 +39,7 @@ import torch.nn as nn
 
 from ..config import Config, DataConfig, VAETrainConfig
 from ..data.dataset import VideoTextDataset, build_dataloader, load_train_validation
+from ..fsutil import replace_dir
 from ..models.autoencoder_magvit import AutoencoderKLMagvit
 from ..tracking import JsonlTracker, NullTracker
 from ..video import write_video
@@ -444,13 +444,7 @@ def _save_final(run: _Run) -> Path:
         tmp = run.output / f".tmp-final-{uuid.uuid4().hex[:8]}"
         try:
             run.vae.save_pretrained(str(tmp), safe_serialization=True)
-            if final.exists():
-                old = run.output / f".tmp-final-old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            replace_dir(tmp, final, old_name=f".tmp-final-old-{uuid.uuid4().hex[:8]}")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
