@@ -169,16 +169,22 @@ def serve(
     dtype: str = typer.Option("", "--dtype", help="transformer/VAE dtype (default: as stored)"),
     instances: int | None = typer.Option(None, "--instances", help="instances per model (default: config.pbtxt's)"),
     log: str | None = typer.Option("-", "--log", help="tritonserver log file ('-' = this terminal)"),
+    lora_dir: Path | None = typer.Option(None, "--lora-dir", help="folder of official-format LoRA .safetensors that "
+                                         "requests may name in LORA (default: LoRA disabled)"),
 ) -> None:
     """Serve the model with the bundled tritonserver (KServe v2 HTTP + gRPC) until Ctrl-C / SIGTERM."""
     import signal
 
     from serving.launch import TritonLaunchError, TritonServer
 
-    server = TritonServer(model, models=[m.strip() for m in models.split(",") if m.strip()],
-                          tracking_uri=tracking_uri, host=host, http_port=http_port, grpc_port=grpc_port,
-                          metrics_port=metrics_port, watch_alias=watch_alias, poll_interval=poll_interval,
-                          parameters={"device": device, "dtype": dtype}, instance_count=instances, log=log)
+    try:
+        server = TritonServer(model, models=[m.strip() for m in models.split(",") if m.strip()],
+                              tracking_uri=tracking_uri, host=host, http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port, watch_alias=watch_alias, poll_interval=poll_interval,
+                              parameters={"device": device, "dtype": dtype}, instance_count=instances, log=log,
+                              lora_dir=lora_dir)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
     def _terminate(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)

@@ -174,6 +174,8 @@ class TritonServer:
         poll_interval: seconds between watcher polls.
         parameters: more config.pbtxt parameters (``device``, ``dtype``, ``torch_threads``, ``max_size``, …).
         instance_count: instances per model (each a process with its own pipeline copy); None = config.pbtxt's.
+        lora_dir: folder of official-format LoRA ``.safetensors`` that requests may name in ``LORA`` (by file name);
+            None = LoRA disabled (a request naming one gets an error).
         env: extra environment for the server and its stubs (e.g. ``EASYANIMATE_MODEL_CACHE``).
         startup_timeout: seconds to wait for the server and its models to be ready (big models download first).
         exit_timeout: seconds Triton waits for in-flight requests on stop before we SIGKILL.
@@ -189,7 +191,7 @@ class TritonServer:
                  parameters: Mapping[str, Any] | None = None, instance_count: int | None = None,
                  env: Mapping[str, str] | None = None, startup_timeout: float = 600.0, exit_timeout: int = 30,
                  log: str | os.PathLike | None = None, tritonserver: str | os.PathLike | None = None,
-                 backend_dir: str | os.PathLike | None = None):
+                 backend_dir: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None):
         if not models:
             raise ValueError("models must name at least one of " + ", ".join(MODELS))
         self.model = model if model in ("tiny",) or model.startswith("models:/") else str(Path(model).resolve())
@@ -202,6 +204,11 @@ class TritonServer:
         self.watch_alias = watch_alias
         self.poll_interval = poll_interval
         self.parameters = dict(parameters or {})
+        if lora_dir is not None:
+            if not Path(lora_dir).is_dir():
+                raise FileNotFoundError(f"--lora-dir {lora_dir} is not a folder")
+            self.parameters["lora_dir"] = str(Path(lora_dir).resolve())
+        self.lora_dir = self.parameters.get("lora_dir") or None
         self.instance_count = instance_count
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout

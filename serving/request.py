@@ -17,6 +17,9 @@ NUM_FRAMES     INT64    1 (an image, PNG) or a multiple of 9 up to 144 (default 
 HEIGHT, WIDTH  INT64    multiples of 16 within [16, 1280] (defaults 384 × 672)
 FPS            INT64    1 … 60 (default 24)
 SAMPLER        BYTES    Euler | Euler A | DPM++ | PNDM | DDIM (case-insensitive; default DPM++)
+LORA           BYTES    the NAME of a ``.safetensors`` file in the server's LoRA folder (``lora_dir``), never a path;
+                        empty = none. Merged into the transformer for this request only (V2's UI does the same)
+LORA_ALPHA     FP32     finite, 0 … 2 (default 0.55, V2's): the LoRA's multiplier
 ============== ======== ==================================================================================
 
 Outputs: ``VIDEO`` (BYTES [1]: MP4, or PNG for one frame) and ``METADATA`` (BYTES [1]: JSON); the streaming model also
@@ -26,13 +29,17 @@ sends ``PROGRESS`` (BYTES [1]: JSON ``{"step": i, "total": n}``) once per denois
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 MAX_SEED = 2**63 - 1
+DEFAULT_LORA_ALPHA = 0.55  # V2's UI default
+LORA_SUFFIX = ".safetensors"
 
 # input name → (request field, Triton datatype); the order is the documented one
 INPUTS: dict[str, tuple[str, str]] = {
@@ -46,13 +53,15 @@ INPUTS: dict[str, tuple[str, str]] = {
     "WIDTH": ("width", "INT64"),
     "FPS": ("fps", "INT64"),
     "SAMPLER": ("sampler", "BYTES"),
+    "LORA": ("lora", "BYTES"),
+    "LORA_ALPHA": ("lora_alpha", "FP32"),
 }
 REQUIRED = ("PROMPT",)
 OUTPUTS = ("VIDEO", "METADATA")
 STREAM_OUTPUTS = ("VIDEO", "METADATA", "PROGRESS")
 _FIELD_TO_INPUT = {f: name for name, (f, _) in INPUTS.items()}
 _COERCE = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": float, "num_frames": int,
-           "height": int, "width": int, "fps": int, "sampler": str}
+           "height": int, "width": int, "fps": int, "sampler": str, "lora": str, "lora_alpha": float}
 # GenerateConfig / pyfunc spellings accepted in defaults
 _DEFAULT_ALIASES = {"guidance_scale": "guidance", "num_inference_steps": "steps", "frames": "num_frames"}
 
@@ -75,6 +84,7 @@ class Limits:
         max_prompt_chars: bound on PROMPT and NEGATIVE_PROMPT in characters (code points after UTF-8 decoding);
             V2 truncates to 120 tokens anyway, this only keeps absurd requests out.
         max_fps: inclusive upper bound of FPS.
+        max_lora_alpha: inclusive upper bound of LORA_ALPHA (V2's UI slider: 2).
     """
 
     size_multiple: int = 16
@@ -86,6 +96,7 @@ class Limits:
     max_guidance: float = 20.0
     max_prompt_chars: int = 2000
     max_fps: int = 60
+    max_lora_alpha: float = 2.0
 
     def __post_init__(self):
         if self.min_size % self.size_multiple or self.max_size % self.size_multiple or self.min_size > self.max_size:
@@ -108,6 +119,8 @@ class GenerationRequest:
     width: int
     fps: int
     sampler: str
+    lora: str = ""  # a file name in the server's LoRA folder; "" = none
+    lora_alpha: float = DEFAULT_LORA_ALPHA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,7 +235,45 @@ def check_request(req: GenerationRequest, limits: Limits) -> GenerationRequest:
         raise RequestError(f"SEED must be between 0 and {MAX_SEED}, got {req.seed}")
     if not 1 <= req.fps <= limits.max_fps:
         raise RequestError(f"FPS must be between 1 and {limits.max_fps}, got {req.fps}")
+    if not (math.isfinite(req.lora_alpha) and 0.0 <= req.lora_alpha <= limits.max_lora_alpha):
+        raise RequestError(f"LORA_ALPHA must be a finite number between 0 and {limits.max_lora_alpha:g}, "
+                           f"got {req.lora_alpha!r}")
+    check_lora_name(req.lora)
     return req
+
+
+def check_lora_name(name: str) -> str:
+    """A LORA value must be a plain file name ending in ``.safetensors`` (or empty): no folder, no ``..``, no
+    absolute path, so a request can only pick among the files the server's LoRA folder holds."""
+    if not name:
+        return name
+    bad = ("/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or ":" in name
+           or "\x00" in name or name != name.strip())
+    if bad:
+        raise RequestError(f"LORA must be the name of a {LORA_SUFFIX} file in the server's LoRA folder, not a path: "
+                           f"got {name!r}")
+    if not name.endswith(LORA_SUFFIX):
+        raise RequestError(f"LORA must name a {LORA_SUFFIX} file, got {name!r}")
+    return name
+
+
+def resolve_lora(name: str, lora_dir: str | os.PathLike | None) -> Path | None:
+    """The file a (checked) LORA name means in the server's LoRA folder; None when no LoRA is asked.
+
+    Raises ``RequestError`` when the server has no LoRA folder, the name is not a plain file name, or no such file
+    is in the folder (symlinks that lead out of the folder are refused too)."""
+    if not name:
+        return None
+    check_lora_name(name)
+    if not lora_dir:
+        raise RequestError(f"LORA {name!r}: this server has no LoRA folder (start it with --lora-dir)")
+    folder = Path(lora_dir).resolve()
+    path = (folder / name).resolve()
+    if path.parent != folder or not path.is_file():
+        available = sorted(p.name for p in folder.glob(f"*{LORA_SUFFIX}")) if folder.is_dir() else []
+        raise RequestError(f"LORA {name!r} is not in the server's LoRA folder; available: "
+                           f"{', '.join(available) or 'none'}")
+    return path
 
 
 def parse_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,
@@ -256,11 +307,14 @@ def parse_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any] | None 
             values[field] = _text(name, raw, limits, allow_empty=name == "NEGATIVE_PROMPT")
         elif name == "SAMPLER":
             values[field] = _sampler(name, _text(name, raw, limits, allow_empty=False))
-        elif name == "GUIDANCE":
+        elif name == "LORA":
+            values[field] = _text(name, raw, limits, allow_empty=True).strip()
+        elif name in ("GUIDANCE", "LORA_ALPHA"):
             values[field] = _float(name, raw)
         else:
             values[field] = _int(name, raw)
-    req = GenerationRequest(**{f.name: _COERCE[f.name](values[f.name]) for f in fields(GenerationRequest)})
+    req = GenerationRequest(**{f.name: _COERCE[f.name](values.get(f.name, f.default))
+                               for f in fields(GenerationRequest)})
     return check_request(req, limits)
 
 
@@ -293,6 +347,6 @@ def numpy_dtype(datatype: str):
     return {"BYTES": np.object_, "INT64": np.int64, "FP32": np.float32}[datatype]
 
 
-__all__ = ["GenerationRequest", "INPUTS", "Limits", "MAX_SEED", "OUTPUTS", "REQUIRED", "RequestError",
-           "STREAM_OUTPUTS", "check_request", "merge_defaults", "numpy_dtype", "parse_request", "to_inputs",
-           "v2_defaults"]
+__all__ = ["DEFAULT_LORA_ALPHA", "GenerationRequest", "INPUTS", "Limits", "MAX_SEED", "OUTPUTS", "REQUIRED",
+           "RequestError", "STREAM_OUTPUTS", "check_lora_name", "check_request", "merge_defaults", "numpy_dtype",
+           "parse_request", "resolve_lora", "to_inputs", "v2_defaults"]

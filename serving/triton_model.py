@@ -19,7 +19,13 @@ dtype            transformer/VAE dtype: empty = as stored, or float32 | bfloat16
 torch_threads    intra-op CPU threads per instance (0 = torch's default)
 max_size         largest HEIGHT/WIDTH accepted (default 1280)
 max_frames       largest NUM_FRAMES accepted (default 144; lowered to what the motion module's table allows)
+lora_dir         folder of official-format LoRA ``.safetensors`` a request may name in ``LORA`` (by file name only);
+                 empty = LoRA disabled (a request naming one gets an error)
 ================ ======================================================================================================
+
+A request's LoRA is merged into the transformer for that request only (the whole file is checked first; the exact
+original weights are copied back afterwards, also when the request fails), under a per-model lock: Triton calls
+``execute`` of an instance sequentially anyway, the lock keeps in-process callers (bench, tests) safe too.
 
 ``load_model`` and ``generate`` do not need the stub: the benchmark and tests call them in-process.
 """
@@ -31,16 +37,26 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .request import GenerationRequest, Limits, RequestError, check_request, merge_defaults, parse_request
+from .request import (
+    GenerationRequest,
+    Limits,
+    RequestError,
+    check_request,
+    merge_defaults,
+    parse_request,
+    resolve_lora,
+)
 
 try:  # only inside the Triton stub
     import triton_python_backend_utils as pb_utils
@@ -66,6 +82,8 @@ class LoadedModel:
     defaults: dict[str, Any]
     info: dict[str, Any]  # name, version, source, alias, weights_sha256
     load_seconds: float
+    lora_dir: str = ""  # the folder LORA names are resolved in; "" = LoRA disabled
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one generation (and LoRA) at a time
 
 
 def parameters_of(model_config: Mapping[str, Any]) -> dict[str, str]:
@@ -122,7 +140,7 @@ def _registered(source: str, tracking_uri: str | None) -> tuple[Path, dict[str, 
 
 
 def load_model(source: str, tracking_uri: str | None = None, device: str = "auto", dtype: str = "",
-               max_size: int = 1280, max_frames: int = 144, alias_uri: str = "") -> LoadedModel:
+               max_size: int = 1280, max_frames: int = 144, alias_uri: str = "", lora_dir: str = "") -> LoadedModel:
     """Load the pipeline a model source names.
 
     Args:
@@ -134,6 +152,7 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
         dtype: transformer/VAE dtype (empty = as stored).
         max_size, max_frames: upper bounds of HEIGHT/WIDTH and NUM_FRAMES.
         alias_uri: the ``models:/NAME@ALIAS`` a pinned version was resolved from (recorded in ``info``).
+        lora_dir: folder of LoRA ``.safetensors`` requests may name (empty = LoRA disabled).
     """
     import torch
 
@@ -185,8 +204,11 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
     except ValueError as exc:
         raise ValueError(f"the generate defaults of {info['source']} do not fit what it serves: {exc}") from None
     info["device"] = str(device)
+    if lora_dir and not Path(lora_dir).is_dir():
+        raise ValueError(f"lora_dir {lora_dir!r} is not a folder")
     return LoadedModel(pipe=pipe, limits=limits, defaults=defaults, info=info,
-                       load_seconds=round(time.perf_counter() - start, 3))
+                       load_seconds=round(time.perf_counter() - start, 3),
+                       lora_dir=str(Path(lora_dir).resolve()) if lora_dir else "")
 
 
 def generate(model: LoadedModel, req: GenerationRequest,
@@ -194,11 +216,16 @@ def generate(model: LoadedModel, req: GenerationRequest,
     """One request → ``(media bytes, mime, metadata)``; the same pipeline call as ``easyanimate generate``.
 
     ``on_step(step, total)`` runs after each denoising step (1-based); returning False stops and raises
-    ``Cancelled``. Metadata: seed, resolved parameters, model info, timings (s) of load / encode (text) /
-    denoise / decode (VAE) / encode_media (MP4 or PNG) / total.
+    ``Cancelled``. Metadata: seed, resolved parameters (``lora``, ``lora_alpha`` included), model info, timings (s)
+    of load / encode (text) / denoise (LoRA merge included) / decode (VAE) / encode_media (MP4 or PNG) / total.
+
+    ``req.lora`` (a file name in ``model.lora_dir``) is merged with ``req.lora_alpha`` for the denoising only; the
+    transformer's exact weights are restored afterwards, whatever happens. A name that is not in the folder, or a
+    file that does not fit the transformer, raises ``RequestError`` with the model untouched.
     """
     import torch
 
+    from easyanimate.models.lora import lora_merged
     from easyanimate.video import encode_media
 
     pipe = model.pipe
@@ -219,17 +246,26 @@ def generate(model: LoadedModel, req: GenerationRequest,
             p.interrupt = True
             stopped.append(i + 1)
 
+    lora_path = resolve_lora(req.lora, model.lora_dir)  # before any work: a bad name is the request's error
     start = time.perf_counter()
-    pipe.set_sampler(req.sampler)  # a fresh scheduler per request: no state carried over
-    generator = torch.Generator("cpu").manual_seed(req.seed)
-    pipe.encode_prompt = timed_encode  # instance attribute: times both prompt encodings of this call
-    try:
-        latents = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.num_frames,
-                       height=req.height, width=req.width, num_inference_steps=req.steps,
-                       guidance_scale=req.guidance, generator=generator, output_type="latent",
-                       callback_on_step_end=callback, show_progress=False).videos
-    finally:
-        del pipe.encode_prompt
+    with model.lock, ExitStack() as stack:
+        if lora_path is not None:
+            try:
+                stack.enter_context(lora_merged(pipe.transformer, lora_path, req.lora_alpha))
+            except Exception as exc:  # does not fit (ValueError) or cannot be read: the weights are untouched
+                if not isinstance(exc, (ValueError, OSError)) and type(exc).__name__ != "SafetensorError":
+                    raise  # e.g. out of memory while merging: a server failure, not the request's
+                raise RequestError(f"LORA {req.lora!r} cannot be applied to this model: {exc}") from None
+        pipe.set_sampler(req.sampler)  # a fresh scheduler per request: no state carried over
+        generator = torch.Generator("cpu").manual_seed(req.seed)
+        pipe.encode_prompt = timed_encode  # instance attribute: times both prompt encodings of this call
+        try:
+            latents = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.num_frames,
+                           height=req.height, width=req.width, num_inference_steps=req.steps,
+                           guidance_scale=req.guidance, generator=generator, output_type="latent",
+                           callback_on_step_end=callback, show_progress=False).videos
+        finally:
+            del pipe.encode_prompt
     if stopped:
         raise Cancelled(f"cancelled after step {stopped[0]}")
     timings["denoise"] = time.perf_counter() - start - timings["encode"]
@@ -277,6 +313,7 @@ class TritonPythonModel:
             max_size=int(params.get("max_size") or 1280),
             max_frames=int(params.get("max_frames") or 144),
             alias_uri=params.get("model_alias") or "",
+            lora_dir=params.get("lora_dir") or "",
         )
         self._log("info", f"{self.instance or self.name}: loaded {self.model.info['source']} "
                           f"(version {self.model.info['version']}) in {self.model.load_seconds:.1f} s")

@@ -9,10 +9,13 @@ over the decoupled ``easyanimate_stream`` gRPC stream: each PROGRESS message (on
 progress). Each result is saved as ``<samples_dir>/<YYYY-MM-DD>/NNN.mp4|png`` and its parameters appended to
 ``<samples_dir>/<YYYY-MM-DD>/logs.json`` (a JSON list, rewritten atomically); the gallery shows past results.
 
-What the server accepts decides what is sent: the request schema (``serving/request.py``) has no model or LoRA input,
-so the model and LoRA choices are sent only when the served model declares ``MODEL`` / ``LORA`` + ``LORA_ALPHA``
-inputs (Triton model metadata); otherwise the page says which model the server serves (its config parameters, then
-each answer's METADATA) and that the LoRA is not applied, and ``logs.json`` records ``lora_applied: false``.
+What the server accepts decides what is sent (Triton model metadata). The LoRA choice is sent as ``LORA`` (the file's
+NAME, never a path) + ``LORA_ALPHA`` when the served model declares them (``serving/request.py`` does): the server
+resolves the name in its own LoRA folder (``easyanimate serve --lora-dir``), merges it for that request and unmerges
+it after, like V2's UI; its METADATA records ``lora`` / ``lora_alpha`` and ``logs.json`` ``lora_applied: true``. A
+server whose model has no ``LORA`` input gets no LoRA: the page says it is not applied (``lora_applied: false``).
+The schema has no ``MODEL`` input, so the model choice is recorded and the page says which model the server serves
+(its config parameters, then each answer's METADATA).
 
 Requests are checked by the server only: its message (e.g. ``WIDTH must be a multiple of 16 between 16 and 1280,
 got 72``) is shown on the page in the status box and as a toast, never a stack trace.
@@ -271,8 +274,8 @@ def request_inputs(params: dict[str, Any], info: ServerInfo, lora_dir: str | os.
         applied["model_applied"] = True
     lora = params.get("lora")
     if lora and lora != NO_LORA and info.supports_lora:
-        path = Path(lora_dir or DEFAULT_LORA_DIR) / lora
-        inputs["LORA"] = np.array([str(path.resolve()).encode()], dtype=object)
+        # the NAME only: the server resolves it in its own LoRA folder (it never takes a path)
+        inputs["LORA"] = np.array([Path(str(lora)).name.encode()], dtype=object)
         if "LORA_ALPHA" in info.inputs:
             inputs["LORA_ALPHA"] = np.array([params["lora_alpha"]], dtype=np.float32)
         applied["lora_applied"] = True
@@ -341,7 +344,13 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
 
     def lora_note(info: ServerInfo) -> str:
         if info.supports_lora:
-            return f"LoRA files from `{lora_dir}`; the choice is sent to the server."
+            server_dir = info.parameters.get("lora_dir", "")
+            if info.parameters and not server_dir:
+                return (f"LoRA files from `{lora_dir}`. The server applies a LoRA by file name, but it has **no LoRA "
+                        "folder** (start it with `--lora-dir`): choosing one gives an error.")
+            where = f" (server folder `{server_dir}`)" if server_dir else ""
+            return (f"LoRA files from `{lora_dir}`; the chosen file's name is sent and the server applies it with "
+                    f"LoRA alpha{where} — it must hold a file of that name.")
         return (f"LoRA files from `{lora_dir}`. **This server's model takes no LoRA input: a chosen LoRA is not "
                 "applied** (recorded as `lora_applied: false`). Merge it locally instead: "
                 "`easyanimate generate --lora FILE --lora-scale ALPHA`.")
@@ -473,8 +482,12 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
             seconds = time.monotonic() - started
             text = (f"✔ Saved `{path}` ({len(result.data) / 1024:.0f} KiB, {seconds:.1f} s, "
                     f"{result.transport}, {len(result.progress)} progress messages)")
+            served_params = result.metadata.get("parameters") or {}
             if params["lora"] != NO_LORA and not applied["lora_applied"]:
                 text += f" — LoRA `{params['lora']}` was not applied (the server takes no LoRA)."
+            elif applied["lora_applied"] and served_params.get("lora"):
+                text += (f" — LoRA `{served_params['lora']}` applied by the server "
+                         f"(alpha {float(served_params.get('lora_alpha', params['lora_alpha'])):g}).")
             image_out = gr.update(value=str(path), visible=True) if result.suffix == ".png" else gr.update(
                 value=None, visible=False)
             video_out = gr.update(value=str(path), visible=True) if result.suffix == ".mp4" else gr.update(

@@ -15,6 +15,8 @@ merge → unmerge restores the weights up to float rounding.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,15 +47,17 @@ def load_lora_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         name, _, leaf = key.partition(".")
         slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(leaf)
         if slot is None:
-            raise ValueError(f"{path.name}: unexpected key {key!r}; expected <name>.lora_down.weight/.lora_up.weight/.alpha")
+            raise ValueError(f"{path.name}: unexpected key {key!r}; "
+                             "expected <name>.lora_down.weight/.lora_up.weight/.alpha")
         groups.setdefault(name, {})[slot] = tensor
     return groups
 
 
-def _delta(parts: dict[str, torch.Tensor], name: str, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+def _check(parts: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> None:
+    """Shape checks of one module's LoRA tensors against its Linear weight (no arithmetic)."""
     if "down" not in parts or "up" not in parts:
         raise ValueError(f"LoRA module {name}: needs lora_down and lora_up, found {sorted(parts)}")
-    down, up = parts["down"].float(), parts["up"].float()
+    down, up = parts["down"], parts["up"]
     if down.ndim != 2 or up.ndim != 2:
         raise ValueError(f"LoRA module {name}: only Linear LoRAs are supported, got down {tuple(down.shape)}")
     rank = down.shape[0]
@@ -62,11 +66,20 @@ def _delta(parts: dict[str, torch.Tensor], name: str, weight: torch.Tensor, mult
         raise ValueError(
             f"LoRA module {name}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit weight {tuple(expected)}"
         )
+
+
+def _delta(parts: dict[str, torch.Tensor], name: str, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
+    _check(parts, name, weight)
+    down, up = parts["down"].float(), parts["up"].float()
+    rank = down.shape[0]
     alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
     return multiplier * (alpha / rank) * (up @ down)
 
 
-def _apply(model, path, multiplier, text_encoder, sign: float) -> int:
+def _plan(model, path, text_encoder) -> list[tuple[str, torch.nn.Linear, dict[str, torch.Tensor]]]:
+    """Load and validate a whole LoRA file against a model → ``[(lora name, Linear, parts)]``.
+
+    Every module is checked before any weight changes, so a file that does not fit leaves the model untouched."""
     groups = load_lora_state(path)
     index = _linear_index(model, UNET_PREFIX)
     if text_encoder is not None:
@@ -79,25 +92,56 @@ def _apply(model, path, multiplier, text_encoder, sign: float) -> int:
         )
     skipped = [n for n in groups if n not in index]
     if skipped:
-        logger.warning("LoRA %s: %d text-encoder modules skipped (no text encoder given)", Path(path).name, len(skipped))
-    applied = 0
+        logger.warning("LoRA %s: %d text-encoder modules skipped (no text encoder given)", Path(path).name,
+                       len(skipped))
+    plan = [(name, index[name], parts) for name, parts in groups.items() if name in index]
+    for name, module, parts in plan:
+        _check(parts, name, module.weight)
+    return plan
+
+
+def _apply(model, path, multiplier, text_encoder, sign: float) -> int:
+    plan = _plan(model, path, text_encoder)
     with torch.no_grad():
-        for name, parts in groups.items():
-            module = index.get(name)
-            if module is None:
-                continue
+        for name, module, parts in plan:
             w = module.weight
             delta = _delta(parts, name, w, multiplier).to(w.device)
             w.copy_((w.float() + sign * delta).to(w.dtype))
-            applied += 1
-    return applied
+    return len(plan)
+
+
+@contextmanager
+def lora_merged(transformer: torch.nn.Module, path: str | Path, multiplier: float = 1.0,
+                text_encoder=None) -> Iterator[int]:
+    """``with lora_merged(model, path, alpha) as n:`` — the LoRA merged for the block, the exact weights back after.
+
+    The whole file is validated before any weight changes; the original weight of every Linear it touches is kept
+    (a CPU copy) and copied back on exit — also when merging or the block fails midway — so the model afterwards is
+    bit-identical to before (``unmerge_lora`` would only restore it up to float rounding, which bf16 makes visible).
+    Yields the number of Linear layers changed.
+    """
+    plan = _plan(transformer, path, text_encoder)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for name, module, parts in plan:
+                w = module.weight
+                saved.append((w, w.detach().to("cpu", copy=True)))
+                delta = _delta(parts, name, w, multiplier).to(w.device)
+                w.copy_((w.float() + delta).to(w.dtype))
+        yield len(plan)
+    finally:
+        with torch.no_grad():
+            for w, original in saved:
+                w.copy_(original)
 
 
 def merge_lora(transformer: torch.nn.Module, path: str | Path, multiplier: float = 1.0, text_encoder=None) -> int:
     """Add an official-format LoRA to the model weights in place: ``W += multiplier·(alpha/rank)·up@down``.
 
-    Returns the number of Linear layers changed. Keys that match no Linear raise ``ValueError`` (a LoRA for another
-    architecture must not silently do nothing).
+    Returns the number of Linear layers changed. Keys that match no Linear, or tensors whose shapes do not fit, raise
+    ``ValueError`` before any weight changes (a LoRA for another architecture must not silently do nothing, nor
+    leave the model half-merged).
     """
     return _apply(transformer, path, multiplier, text_encoder, +1.0)
 

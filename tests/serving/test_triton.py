@@ -63,7 +63,7 @@ def test_http_and_grpc_return_the_asked_video(triton):
     assert meta["model"]["name"] == "tiny" and len(meta["model"]["weights_sha256"]) == 64
     assert meta["parameters"] | {"prompt": None} == {**SMALL, "prompt": None, "guidance": 6.0, "fps": 24,
                                                      "sampler": "DPM++", "negative_prompt": meta["parameters"]
-                                                     ["negative_prompt"]}
+                                                     ["negative_prompt"], "lora": "", "lora_alpha": 0.55}
     assert set(meta["timings"]) == {"load", "encode", "denoise", "decode", "encode_media", "total"}
 
     other_seed = client.infer_http(_http(triton), to_inputs("a red kite over a hill", **{**SMALL, "seed": 6}))

@@ -165,3 +165,56 @@ def test_parse_server():
     assert parse_server("grpc://a:1, http://b:2") == [("grpc", "a:1"), ("http", "b:2")]
     with pytest.raises(ValueError, match="unknown scheme 'ftp'"):
         parse_server("ftp://h:1")
+
+
+def test_lora_fields():
+    from serving.request import DEFAULT_LORA_ALPHA
+
+    req = _parse()
+    assert (req.lora, req.lora_alpha) == ("", DEFAULT_LORA_ALPHA) == ("", 0.55)
+    req = _parse(lora="style.safetensors", lora_alpha=1.25)
+    assert (req.lora, req.lora_alpha) == ("style.safetensors", 1.25)
+    assert req.to_dict()["lora"] == "style.safetensors" and req.to_dict()["lora_alpha"] == 1.25
+    assert _parse(lora="").lora == "" and _parse(lora_alpha=0.0).lora_alpha == 0.0
+    assert _parse(lora_alpha=2.0).lora_alpha == 2.0
+    inputs = to_inputs("a", lora="x.safetensors", lora_alpha=0.5)
+    assert inputs["LORA"].dtype == object and inputs["LORA_ALPHA"].dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "/etc/passwd", "sub/x.safetensors", "..\\x.safetensors",
+                                  "..", ".hidden.safetensors", "C:x.safetensors"])
+def test_lora_must_be_a_plain_file_name(name):
+    with pytest.raises(RequestError, match=r"^LORA must be the name of a \.safetensors file in the server's LoRA "
+                                           r"folder, not a path"):
+        _parse(lora=name)
+
+
+def test_lora_suffix_and_alpha_range():
+    with pytest.raises(RequestError, match=r"^LORA must name a \.safetensors file, got 'x\.ckpt'$"):
+        _parse(lora="x.ckpt")
+    for alpha in (float("nan"), float("inf"), -0.1, 3.0):
+        with pytest.raises(RequestError, match=r"^LORA_ALPHA must be a finite number between 0 and 2, got "):
+            _parse(lora="x.safetensors", lora_alpha=alpha)
+    with pytest.raises(RequestError, match=r"^LORA_ALPHA must be FP32, got BYTES$"):
+        parse_request({**to_inputs("a"), "LORA_ALPHA": np.array([b"1"], dtype=object)})
+
+
+def test_resolve_lora_only_inside_the_folder(tmp_path):
+    from serving.request import resolve_lora
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "style.safetensors").write_bytes(b"x")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (folder / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    assert resolve_lora("", folder) is None and resolve_lora("", None) is None
+    assert resolve_lora("style.safetensors", folder) == (folder / "style.safetensors").resolve()
+    with pytest.raises(RequestError, match=r"this server has no LoRA folder \(start it with --lora-dir\)"):
+        resolve_lora("style.safetensors", "")
+    with pytest.raises(RequestError, match=r"^LORA 'missing\.safetensors' is not in the server's LoRA folder; "
+                                           r"available: link\.safetensors, style\.safetensors$"):
+        resolve_lora("missing.safetensors", folder)
+    with pytest.raises(RequestError, match="is not in the server's LoRA folder"):  # a link out of the folder
+        resolve_lora("link.safetensors", folder)
+    with pytest.raises(RequestError, match="not a path"):
+        resolve_lora("../outside.safetensors", folder)

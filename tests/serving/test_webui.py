@@ -75,7 +75,8 @@ def test_lora_and_model_choice_are_sent_only_when_the_server_takes_them(tmp_path
     richer = webui.ServerInfo(inputs={"PROMPT", "LORA", "LORA_ALPHA", "MODEL"}, url="grpc://x:1")
     inputs, applied = webui.request_inputs(params, richer, tmp_path)
     assert applied == {"model_applied": True, "lora_applied": True}
-    assert inputs["LORA"][0].decode().endswith("style.safetensors") and inputs["LORA_ALPHA"][0] == pytest.approx(0.55)
+    assert inputs["LORA"][0] == b"style.safetensors"  # the NAME: the server resolves it in its own LoRA folder
+    assert inputs["LORA_ALPHA"][0] == pytest.approx(0.55)
 
 
 def test_model_dropdown_lists_registered_versions_and_aliases(tmp_path):
@@ -106,24 +107,33 @@ def test_server_info_of_an_unreachable_server_is_a_message():
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory):
+def lora_dir(tmp_path_factory):
+    """One real official-format LoRA for the tiny model: the UI lists it, the server applies it."""
+    from tests.serving.test_triton_lora import _write_official_lora
+
+    folder = tmp_path_factory.mktemp("lora")
+    _write_official_lora(folder / "style.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory, lora_dir):
     from serving.launch import TritonServer
 
     server = TritonServer("tiny", models=["easyanimate_stream"], exit_timeout=5, parameters={"torch_threads": "1"},
-                          env={"EASYANIMATE_MODEL_CACHE": str(tmp_path_factory.mktemp("model_cache"))})
+                          env={"EASYANIMATE_MODEL_CACHE": str(tmp_path_factory.mktemp("model_cache"))},
+                          lora_dir=lora_dir)
     with server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def ui(triton, tmp_path_factory):
+def ui(triton, lora_dir, tmp_path_factory):
     from serving.launch import free_port
 
     root = tmp_path_factory.mktemp("webui")
-    (root / "lora").mkdir()
-    (root / "lora" / "style.safetensors").write_bytes(b"not read by the UI")
     demo, url = webui.launch(f"grpc://{triton.grpc_url}", port=free_port(), samples_dir=root / "samples",
-                             lora_dir=root / "lora", block=False, timeout=120)
+                             lora_dir=lora_dir, block=False, timeout=120)
     try:
         yield {"url": url, "samples": root / "samples"}
     finally:
@@ -198,6 +208,7 @@ def _all_logs(samples: Path) -> list[dict]:
 @pytest.mark.slow
 @needs_chromium
 def test_generate_a_video_in_the_browser(page, ui):
+    assert "the server applies it" in page.locator("#lora-note").inner_text()  # LORA is a declared input
     page.locator("#lora input").click()  # V2's LoRA dropdown lists the folder's .safetensors
     page.get_by_role("option", name="style.safetensors").click()
     _fill_small(page, "a red kite over a green hill")
@@ -210,7 +221,7 @@ def test_generate_a_video_in_the_browser(page, ui):
     assert "5 progress messages" in status, status  # one PROGRESS per denoising step reached the progress bar
     seen = " ".join(page.evaluate("window.__progress"))  # what the progress bar showed while generating
     assert re.search(r"[1-5]/5 steps", seen) and "denoising" in seen, seen[:500]
-    assert "was not applied" in status  # the server takes no LoRA: said so
+    assert "LoRA style.safetensors applied by the server (alpha 0.55)" in status, status
     assert "tiny" in page.locator("#served-model").inner_text()
 
     logs = _all_logs(ui["samples"])
@@ -222,10 +233,11 @@ def test_generate_a_video_in_the_browser(page, ui):
     assert frames.shape == (9, 64, 64, 3)
     expected = {"prompt": "a red kite over a green hill", "steps": 5, "width": 64, "height": 64, "num_frames": 9,
                 "seed": 7, "sampler": "Euler", "guidance": 7.0, "lora": "style.safetensors", "lora_alpha": 0.55,
-                "lora_applied": False, "edition": "v2", "transport": "grpc-stream"}
+                "lora_applied": True, "edition": "v2", "transport": "grpc-stream"}
     assert {k: entry.get(k) for k in expected} == expected
     assert entry["negative_prompt"].startswith("The video is not of a high quality")
     assert entry["served_parameters"]["steps"] == 5 and entry["served_parameters"]["sampler"] == "Euler"
+    assert entry["served_parameters"]["lora"] == "style.safetensors"  # the server applied it (its METADATA)
     assert entry["model"]["name"] == "tiny"
     page.wait_for_selector("#gallery video")  # the gallery shows it
     page.locator("#gallery").scroll_into_view_if_needed()  # Chromium paints videos it has shown
