@@ -38,7 +38,9 @@ def test_overrides_are_typed():
 
 def test_config_is_frozen():
     cfg = load_config("tiny")
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.generate.steps = 3  # type: ignore[misc]
 
 

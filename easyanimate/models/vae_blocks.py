@@ -191,7 +191,7 @@ class MidBlock3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.convs[0](x)
-        for attn, res in zip(self.attentions, self.convs[1:]):
+        for attn, res in zip(self.attentions, self.convs[1:], strict=False):
             x = res(attn(x))
         return x
 
@@ -353,7 +353,7 @@ class Encoder3D(nn.Module):
         self.conv_in = CausalConv3d(in_channels, widths[0], 3)
         blocks = []
         prev = widths[0]
-        for i, (block_type, width) in enumerate(zip(down_block_types, widths)):
+        for i, (block_type, width) in enumerate(zip(down_block_types, widths, strict=False)):
             blocks.append(
                 DownBlock3D(
                     prev,
@@ -408,7 +408,7 @@ class Decoder3D(nn.Module):
         )
         blocks = []
         prev = reversed_widths[0]
-        for i, (block_type, width) in enumerate(zip(up_block_types, reversed_widths)):
+        for i, (block_type, width) in enumerate(zip(up_block_types, reversed_widths, strict=False)):
             temporal = block_type == "SpatialTemporalUpBlock3D"
             blocks.append(
                 UpBlock3D(
