@@ -46,7 +46,8 @@ def generate(
     guidance: float | None = typer.Option(None),
     seed: int | None = typer.Option(None),
     sampler: str | None = typer.Option(None, help="Euler | Euler A | DPM++ | PNDM | DDIM"),
-    lora: Path | None = typer.Option(None, "--lora", help="official-format LoRA .safetensors"),
+    lora: Path | None = typer.Option(None, "--lora", help="official-format LoRA .safetensors (with --server: the "
+                                     "name of a file in the server's --lora-dir)"),
     lora_scale: float = typer.Option(0.55, "--lora-scale"),
     fps: int | None = typer.Option(None),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -59,13 +60,14 @@ def generate(
 ) -> None:
     """Generate a video (or an image with --frames 1) from a prompt."""
     if server is not None:
-        local_only = {"--model": model is not None, "--lora": lora is not None, "--preset": preset is not None,
+        local_only = {"--model": model is not None, "--preset": preset is not None,
                       "--set": bool(overrides), "--device": device != "auto"}
         given = [name for name, used in local_only.items() if used]
         if given:
             raise typer.BadParameter(f"{', '.join(given)} apply to local generation, not with --server")
         _generate_on_server(server, prompt, out, negative_prompt=negative_prompt, num_frames=frames, height=height,
-                            width=width, steps=steps, guidance=guidance, seed=seed, sampler=sampler, fps=fps)
+                            width=width, steps=steps, guidance=guidance, seed=seed, sampler=sampler, fps=fps,
+                            **({"lora": lora.name, "lora_alpha": lora_scale} if lora is not None else {}))
         return
     import torch
 

@@ -17,6 +17,7 @@ from serving.request import RequestError, parse_request, to_inputs
 
 SMALL = {"num_frames": 9, "height": 32, "width": 48, "steps": 2, "seed": 11}
 PROMPT = "a lighthouse at dusk"
+SMALL_CLI = {"--frames": 9, "--height": 32, "--width": 48, "--steps": 2, "--seed": 11}  # SMALL as CLI options
 
 
 def _tiny_linears() -> dict[str, torch.nn.Linear]:
@@ -102,6 +103,18 @@ def test_lora_applied_per_request_and_unmerged_after(lora_dir, tmp_path_factory)
             ready()
         # nothing was left merged by the refused files (half_fits matches all but one module)
         assert run().data == base.data
+
+        # the CLI passes --lora to the server by name (the server resolves it in its own folder)
+        from typer.testing import CliRunner
+
+        from easyanimate.cli import app
+
+        out = tmp_path_factory.mktemp("cli") / "styled.mp4"
+        args = ["generate", "--server", server.http_url, "--prompt", PROMPT, "--out", str(out),
+                *[x for k, v in SMALL_CLI.items() for x in (k, str(v))]]
+        res = CliRunner().invoke(app, [*args, "--lora", str(lora_dir / "style.safetensors"), "--lora-scale", "0.55"])
+        assert res.exit_code == 0, res.output
+        assert out.read_bytes() == styled.data
 
 
 def test_in_process_lora_without_a_folder_and_exact_restore(lora_dir):
