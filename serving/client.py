@@ -249,18 +249,6 @@ def generate(server: str, prompt: str, *, negative_prompt: str | None = None, se
     inputs = to_inputs(prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
                        num_frames=num_frames, height=height, width=width, fps=fps, sampler=sampler, lora=lora,
                        lora_alpha=lora_alpha)
-    failures = []
-    for scheme, address in parse_server(server):
-        try:
-            if scheme == "grpc":
-                return _stream_with_bar(address, inputs, timeout, progress)
-            return infer_http(address, inputs, timeout, ssl=scheme == "https")
-        except Unavailable as exc:
-            failures.append(str(exc))
-    raise ConnectionError("no Triton endpoint could be used: " + "; ".join(failures))
-
-
-def _stream_with_bar(address: str, inputs: dict[str, np.ndarray], timeout: float, show: bool) -> GenerationResult:
     from tqdm import tqdm
 
     bar = None
@@ -268,15 +256,30 @@ def _stream_with_bar(address: str, inputs: dict[str, np.ndarray], timeout: float
     def on_progress(step: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc="denoising", unit="step", disable=not show)
+            bar = tqdm(total=total, desc="denoising", unit="step", disable=not progress)
         bar.update(step - bar.n)
 
     try:
-        return infer_grpc_stream(address, inputs, timeout, on_progress)
+        return send(server, inputs, on_progress, timeout)
     finally:
         if bar is not None:
             bar.close()
 
 
+def send(server: str, inputs: dict[str, np.ndarray], on_progress=None,
+         timeout: float = DEFAULT_TIMEOUT) -> GenerationResult:
+    """Try each address of ``server`` in order (gRPC streaming hands every PROGRESS step to ``on_progress(step,
+    total)``; HTTP has none). Raises ``ServerError`` (the server's message: final) or ``ConnectionError``."""
+    failures = []
+    for scheme, address in parse_server(server):
+        try:
+            if scheme == "grpc":
+                return infer_grpc_stream(address, inputs, timeout, on_progress)
+            return infer_http(address, inputs, timeout, ssl=scheme == "https")
+        except Unavailable as exc:
+            failures.append(str(exc))
+    raise ConnectionError("no Triton endpoint could be used: " + "; ".join(failures))
+
+
 __all__ = ["GenerationResult", "MODEL", "STREAM_MODEL", "ServerError", "Unavailable", "generate", "infer_grpc",
-           "infer_grpc_stream", "infer_http", "parse_server"]
+           "infer_grpc_stream", "infer_http", "parse_server", "send"]

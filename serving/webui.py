@@ -48,11 +48,9 @@ from .client import (  # noqa: E402
     STREAM_MODEL,
     GenerationResult,
     ServerError,
-    Unavailable,
     _message,
-    infer_grpc_stream,
-    infer_http,
     parse_server,
+    send,
 )
 from .request import to_inputs  # noqa: E402
 
@@ -284,18 +282,8 @@ def request_inputs(params: dict[str, Any], info: ServerInfo, lora_dir: str | os.
 
 def run_request(server: str, inputs: dict[str, np.ndarray], on_progress: Callable[[int, int], None] | None = None,
                 timeout: float = DEFAULT_TIMEOUT) -> GenerationResult:
-    """Try each address of ``server`` like ``client.generate``, but hand every PROGRESS step to ``on_progress``.
-
-    Raises ``ServerError`` (the server's message: final) or ``ConnectionError`` (no address usable)."""
-    failures = []
-    for scheme, address in parse_server(server):
-        try:
-            if scheme == "grpc":
-                return infer_grpc_stream(address, inputs, timeout, on_progress)
-            return infer_http(address, inputs, timeout, ssl=scheme == "https")
-        except Unavailable as exc:
-            failures.append(str(exc))
-    raise ConnectionError("no Triton endpoint could be used: " + "; ".join(failures))
+    """``client.send``: every PROGRESS step goes to ``on_progress`` (the page's progress bar)."""
+    return send(server, inputs, on_progress, timeout)
 
 
 def _served_text(metadata: dict[str, Any]) -> str:
