@@ -21,8 +21,12 @@ Public API (stable; ``train/vae.py`` and ``train/dit.py`` use it)::
 
     fill_deepspeed_config(accelerator, train_cfg, micro_batch_size)   before ``prepare`` under DeepSpeed (no-op else)
 
-    latest_checkpoint(output) -> Path | None          newest complete ``checkpoint-<step>`` folder
-    resolve_resume(output, resume) -> Path | None       None/"" → None; "latest" → newest or None; else that folder
+    latest_checkpoint(output) -> Path | None          newest complete ``checkpoint-<step>`` folder (not verified)
+    resolve_resume(output, resume) -> Path | None       None/"" → None; "latest" → the newest INTACT checkpoint (the
+                                                        ones that fail ``verify_checkpoint`` are skipped with a logged
+                                                        reason) or None; else that folder, verified
+    verify_checkpoint(path) -> str | None               why a checkpoint is not intact (its sha256 manifest), or None
+    drop_metrics_after(output, step) -> int             remove ``metrics.jsonl`` rows past a resumed step
     checkpoint_step(path) -> int                        the <step> of a ``checkpoint-<step>`` folder
 
     progress_bar(total, *, initial=0, accelerator=None, desc="train") -> tqdm   (disabled off the main process)
@@ -36,6 +40,8 @@ Public API (stable; ``train/vae.py`` and ``train/dit.py`` use it)::
 Checkpoint layout (safetensors + JSON only: no pickles, no ``torch.save``)::
 
     checkpoint-<step>/
+      sha256.json                        written last: {"algorithm": "sha256", "files": {path: {"sha256", "size"}}}
+                                         over every other file; resume verifies it (bit flips, truncation)
       checkpoint.json                    step, world size, what is stored where
       extra.json                         the trainer's ``extra`` (step, epoch, data position, resolved config, …)
       <model>/config.json                (diffusers/ConfigMixin models) so the folder loads with ``from_pretrained``
@@ -56,6 +62,7 @@ ranks. ZeRO-3 (partitioned weights) is not supported.
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib
 import json
 import logging
@@ -74,14 +81,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fsutil import replace_dir
+from ..fsutil import atomic_write_bytes, replace_dir
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sha256 manifest (sha256.json) written last
+MANIFEST = "sha256.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -367,16 +375,104 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """sha256 and size of every file under ``folder`` → ``folder/sha256.json`` (the last file a checkpoint gets)."""
+    files = {p.relative_to(folder).as_posix(): {"sha256": _file_sha256(p), "size": p.stat().st_size}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    with (folder / MANIFEST).open("w") as fh:
+        json.dump({"algorithm": "sha256", "files": files}, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """Why the checkpoint folder ``path`` is not intact, or None when every file matches its sha256 manifest.
+
+    Reasons: no ``checkpoint.json`` or ``sha256.json`` (an older format or a half-copied folder), an unreadable
+    manifest, a missing or extra file, a size (truncation) or sha256 (bit flip) that differs from the manifest."""
+    path = Path(path)
+    if not (path / "checkpoint.json").is_file():
+        return "no checkpoint.json (not a complete checkpoint)"
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("algorithm") != "sha256" or not isinstance(files, dict):
+            raise ValueError("expected algorithm sha256 and a files table")
+    except FileNotFoundError:
+        return f"no {MANIFEST} manifest (written by an older version, or an incomplete copy)"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"unreadable {MANIFEST} manifest ({type(exc).__name__}: {exc})"
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != MANIFEST}
+    extra = sorted(present - set(files))
+    if extra:
+        return f"file {extra[0]} is not in the manifest ({len(extra)} unlisted)"
+    for rel, entry in sorted(files.items()):
+        f = path / rel
+        if not f.is_file():
+            return f"file {rel} is missing"
+        size = f.stat().st_size
+        if size != int(entry["size"]):
+            return f"file {rel} has {size} bytes, the manifest says {entry['size']} (truncated or rewritten)"
+        if _file_sha256(f) != entry["sha256"]:
+            return f"file {rel} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def drop_metrics_after(output: str | Path, step: int, name: str = "metrics.jsonl") -> int:
+    """Remove the rows of ``output/metrics.jsonl`` (``JsonlTracker``) logged after ``step`` by a run that died after
+    its last checkpoint: the resumed run logs those steps again. Rewritten atomically; returns the rows dropped."""
+    path = Path(output) / name
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row_step = int(json.loads(line).get("step", -1))
+        except (ValueError, TypeError, AttributeError):
+            continue  # a torn last line of a killed run
+        if row_step <= step:
+            kept.append(line)
+    dropped = len([ln for ln in lines if ln.strip()]) - len(kept)
+    if dropped:
+        atomic_write_bytes(path, "".join(f"{ln}\n" for ln in kept).encode())
+        logger.info("%s: dropped %d rows logged after step %d (the resumed run logs them again)", path, dropped, step)
+    return dropped
+
+
 def resolve_resume(output: str | Path, resume: str | os.PathLike | None) -> Path | None:
-    """``None``/``""`` → None; ``"latest"`` → the newest checkpoint under ``output`` (None when there is none);
-    anything else → that checkpoint folder (a bare ``checkpoint-<step>`` name is looked up under ``output``)."""
+    """``None``/``""`` → None; ``"latest"`` → the newest intact checkpoint under ``output`` (None when there is none);
+    anything else → that checkpoint folder (a bare ``checkpoint-<step>`` name is looked up under ``output``).
+
+    Every candidate is checked against its sha256 manifest (``verify_checkpoint``): ``latest`` skips a damaged one,
+    logging which and why, and falls back to the next newest; when checkpoints exist but none is intact, or an
+    explicitly named one is damaged, it raises ``ValueError`` (starting over silently would throw away the run)."""
     if resume is None or str(resume) == "":
         return None
     if str(resume) == "latest":
-        found = latest_checkpoint(output)
-        if found is None:
+        found = list_checkpoints(output)
+        if not found:
             logger.info("--resume latest: no checkpoint under %s yet; starting from scratch", checkpoints_dir(output))
-        return found
+            return None
+        skipped = []
+        for candidate in reversed(found):
+            reason = verify_checkpoint(candidate)
+            if reason is None:
+                if skipped:
+                    logger.warning("--resume latest: resuming from %s instead", candidate.name)
+                return candidate
+            logger.warning("--resume latest: skipping %s: %s", candidate.name, reason)
+            skipped.append(f"{candidate.name}: {reason}")
+        raise ValueError(f"--resume latest: no intact checkpoint under {checkpoints_dir(output)} ("
+                         f"{'; '.join(skipped)}); delete the damaged ones to start over")
     path = Path(resume)
     if not path.exists() and (checkpoints_dir(output) / path).is_dir():
         path = checkpoints_dir(output) / path
@@ -385,6 +481,9 @@ def resolve_resume(output: str | Path, resume: str | os.PathLike | None) -> Path
                                 f"checkpoint-<step> folder (e.g. under {checkpoints_dir(output)})")
     if not (path / "checkpoint.json").is_file():
         raise ValueError(f"--resume {resume}: {path} is not a checkpoint (no checkpoint.json inside)")
+    reason = verify_checkpoint(path)
+    if reason is not None:
+        raise ValueError(f"--resume {resume}: {path.name} is damaged: {reason}")
     return path
 
 
@@ -467,7 +566,8 @@ def save_checkpoint(
             for r, state in enumerate(rng_all):
                 save_tree(state, tmp / "rng", f"rank-{r}")
             save_tree(extra or {}, tmp, "extra")
-            _write_json(tmp / "checkpoint.json", meta)  # written last: its presence marks a complete folder
+            _write_json(tmp / "checkpoint.json", meta)  # its presence marks a complete folder
+            _write_manifest(tmp)  # last: the sha256 of every file above, verified on resume
             # re-saving the same step (e.g. after a resume) swaps; the old one takes a temp name _prune cleans
             replace_dir(tmp, final, old_name=f"{_TMP_PREFIX}old-{int(step)}-{uuid.uuid4().hex[:8]}")
         except BaseException:
@@ -616,7 +716,8 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter], norm_type: float = 2.0) 
 
 
 __all__ = [
-    "Throughput", "checkpoint_step", "checkpoints_dir", "fill_deepspeed_config", "grad_norm", "latent_tokens",
+    "MANIFEST", "Throughput", "checkpoint_step", "checkpoints_dir", "drop_metrics_after", "fill_deepspeed_config",
+    "grad_norm", "latent_tokens", "verify_checkpoint",
     "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_tree", "progress_bar", "resolve_resume",
     "rng_state", "save_checkpoint", "save_tree", "set_rng_state", "setup_accelerator",
 ]

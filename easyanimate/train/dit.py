@@ -46,6 +46,7 @@ from ..tracking import JsonlTracker, NullTracker, Tracker
 from ..video import write_video
 from .common import (
     Throughput,
+    drop_metrics_after,
     fill_deepspeed_config,
     grad_norm,
     latent_tokens,
@@ -563,6 +564,8 @@ def train_dit(cfg: Config, data: Path | str | None, output: Path | str, resume: 
                                 schedulers={"transformer": lr_scheduler},
                                 ema={"transformer": ema} if ema is not None else None, accelerator=accelerator)
         step, epoch, data_state = int(extra["step"]), int(extra["epoch"]), extra.get("data")
+        if main:
+            drop_metrics_after(output, step)  # rows a killed run logged after this checkpoint are logged again
         drift = _config_drift(extra.get("config", {}), cfg.to_dict())
         if drift and main:
             logger.warning("resuming %s with a changed config: %s", ckpt, ", ".join(drift[:10]))

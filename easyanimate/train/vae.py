@@ -45,6 +45,7 @@ from ..tracking import JsonlTracker, NullTracker
 from ..video import write_video
 from .common import (
     Throughput,
+    drop_metrics_after,
     grad_norm,
     load_checkpoint,
     progress_bar,
@@ -433,6 +434,8 @@ def _restore(run: _Run, checkpoint: Path) -> None:
     run.val_step0 = dict(extra.get("val_step0") or {})
     run.samples = [Path(p) for p in extra.get("samples", [])]
     run.last_checkpoint, run.last_checkpoint_step = checkpoint, run.step
+    if run.accelerator.is_main_process:
+        drop_metrics_after(run.output, run.step)  # rows a killed run logged after this checkpoint are logged again
     logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, run.step, sampler.epoch,
                 sampler.consumed)
 
