@@ -83,12 +83,21 @@ class VAEConfig:
     layers_per_block: int = 2
     latent_channels: int = 4
     norm_num_groups: int = 32
-    mini_batch_encoder: int = 9  # frames per encoder chunk (-> 3 latent frames)
-    mini_batch_decoder: int = 3  # latent frames per decoder chunk (-> 9 frames)
+    mini_batch_encoder: int = 9  # frames per encoder chunk (-> 3 latent frames); slice VAE: frames per slice (8)
+    mini_batch_decoder: int = 3  # latent frames per decoder chunk (-> 9 frames); slice VAE: latents per slice (2)
     scaling_factor: float = 0.18215
+    slice_compression_vae: bool = False  # the official slice VAE (V3): clips of 1 + 8k frames -> 1 + 2k latents
+    causal_cache: bool = False  # slice VAE: each slice's causal convs continue from the previous slice's features
+    # the 8x temporal slice variant makes all four blocks spatio-temporal (and mini_batch_decoder 1)
+    down_block_types: tuple[str, ...] = ("SpatialDownBlock3D",) + ("SpatialTemporalDownBlock3D",) * 3
+    up_block_types: tuple[str, ...] = ("SpatialUpBlock3D",) + ("SpatialTemporalUpBlock3D",) * 3
 
     def to_model_kwargs(self) -> dict[str, Any]:
         return {
+            "down_block_types": list(self.down_block_types),
+            "up_block_types": list(self.up_block_types),
+            "slice_compression_vae": self.slice_compression_vae,
+            "causal_cache": self.causal_cache,
             "ch": self.ch,
             "ch_mult": list(self.ch_mult),
             "block_out_channels": [self.ch * m for m in self.ch_mult],
@@ -340,6 +349,10 @@ class PreprocessConfig:
     min_height: int = 256
     min_fps: float = 8.0
     max_fps: float = 120.0
+    # decoded-pixel caps, checked from the file header before anything is decoded (a 170 KB PNG can decode to 144 MP,
+    # ~430 MB of RGB, several copies deep): a 40 MP photo is ~120 MB of RGB; 4096×2160 is DCI 4K
+    max_image_pixels: int = 40_000_000
+    max_frame_pixels: int = 4096 * 2160
     workers: int = 2  # process pool size
     allow_absolute_paths: bool = False  # meta file_path entries must stay inside the dataset root unless set
     scene: SceneConfig = field(default_factory=SceneConfig)

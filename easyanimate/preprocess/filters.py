@@ -73,11 +73,48 @@ class FilterOutcome:
 # frames
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """An image file → uint8 RGB ``(H, W, 3)`` (EXIF orientation applied, alpha dropped)."""
-    with Image.open(path) as img:
+class PixelLimitError(ValueError):
+    """An image or video frame larger than the decoded-pixel cap: refused from its header, before decoding."""
+
+
+def check_pixels(width: int, height: int, limit: int, what: str = "image") -> None:
+    """Raise ``PixelLimitError`` when ``width × height`` exceeds ``limit`` (``limit <= 0``: no cap)."""
+    pixels = int(width) * int(height)
+    if limit > 0 and pixels > limit:
+        knob = "max_frame_pixels" if "frame" in what else "max_image_pixels"
+        raise PixelLimitError(f"{what} is {width}x{height} = {pixels:,} pixels; the decoded-pixel cap is {limit:,} "
+                              f"(preprocess.{knob})")
+
+
+def load_image(path: str | Path, max_pixels: int = 40_000_000) -> np.ndarray:
+    """An image file → uint8 RGB ``(H, W, 3)`` (EXIF orientation applied, alpha dropped).
+
+    ``max_pixels``: refuse (``PixelLimitError``) an image whose header announces more pixels, before decoding it
+    (``<= 0``: no cap of ours; PIL's own decompression-bomb guard still raises past twice ``Image.MAX_IMAGE_PIXELS``,
+    and its warning is an error here)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)  # reads the header only
+        except Image.DecompressionBombError as exc:
+            raise PixelLimitError(f"image refused by PIL's decompression-bomb guard: {exc}") from None
+    with img:
+        check_pixels(*img.size, max_pixels, "image")
+        bomb = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+        if bomb:
+            raise PixelLimitError(f"image refused by PIL's decompression-bomb guard: {bomb[0].message}")
         img = ImageOps.exif_transpose(img)
         return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def frame_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a video's first video stream from its header (nothing decoded)."""
+    with _open(path) as container:
+        if not container.streams.video:
+            raise ValueError("expected a video stream, found none")
+        stream = container.streams.video[0]
+        return int(stream.codec_context.width or stream.width or 0), int(stream.codec_context.height or stream.height
+                                                                          or 0)
 
 
 def frame_indices(total: int, n: int) -> list[int]:
@@ -569,7 +606,7 @@ def run_filters(clip_path: str | Path, info: dict, cfg, models: FilterModels | N
     def fail(stage: str, reason: str) -> FilterOutcome:
         return FilterOutcome(scores, False, stage, reason)
 
-    image = load_image(clip_path) if is_image else None
+    image = load_image(clip_path, getattr(cfg, "max_image_pixels", 40_000_000)) if is_image else None
     if cfg.quality.enabled:
         with clock("quality"):
             frames = image[None] if is_image else sample_frames(clip_path, cfg.quality.num_frames)

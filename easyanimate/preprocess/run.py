@@ -182,14 +182,15 @@ def process_input(task: dict[str, Any]) -> dict[str, Any]:
         for m in result["meta"]:  # nothing half-done stays behind
             Path(out / m["file_path"]).unlink(missing_ok=True)
         result.update(rows=[], meta=[])
-        result["rejects"] = [{"item": rel, "stage": "read", "reason": f"{type(exc).__name__}: {exc}".strip()}]
+        stage = "pixels" if type(exc).__name__ == "PixelLimitError" else "read"
+        result["rejects"] = [{"item": rel, "stage": stage, "reason": f"{type(exc).__name__}: {exc}".strip()}]
     return result
 
 
 def _process_image(rel, path, out, cfg, result, timed, sidecar, captioner):
     from .filters import load_image, run_filters
 
-    image = timed("read", load_image, path)
+    image = timed("read", load_image, path, cfg.max_image_pixels)  # refused from its header past the cap
     h, w = image.shape[:2]
     info = {"width": w, "height": h, "fps": 0.0, "num_frames": 1}
     outcome = run_filters(path, info, cfg, _models(cfg.workers), is_image=True, timings=result["timings"])
@@ -215,9 +216,10 @@ def _process_image(rel, path, out, cfg, result, timed, sidecar, captioner):
 
 
 def _process_video(rel, path, out, cfg, result, timed, sidecar, captioner):
-    from .filters import check_format, run_filters
+    from .filters import check_format, check_pixels, frame_size, run_filters
     from .scenes import plan_segments, scan_cuts, write_clips
 
+    check_pixels(*timed("read", frame_size, path), cfg.max_frame_pixels, "video frame")  # before any decoding
     info = timed("read", probe_video, path)
     if not info["fps"]:
         raise ValueError(f"expected a video with a frame rate, got {info['fps']}")
