@@ -159,7 +159,11 @@ class DataConfig:
     meta: str = ""  # meta JSON (or CSV); empty = the --data argument of the command
     root: str = ""  # dataset root for relative file_path entries; empty = the meta file's folder
     sample_size: int = 512  # bucket base: V2's 512 aspect-ratio table scaled by sample_size / 512
-    num_frames: int = 144  # longest clip (1 or a multiple of 9)
+    num_frames: int = 144  # longest clip (1 or frame_offset + frame_step·k)
+    # clip lengths are 1 or frame_offset + frame_step·k: V2's chunk VAE 0 + 9k, the slice VAE 1 + 8k; the trainers
+    # set both from model.vae (the VAE the clips are encoded with), so presets need not
+    frame_offset: int = 0
+    frame_step: int = 9
     stride: int = 1  # frame stride inside a clip
     random_frame_crop: bool = True  # V2: clip length drawn from [1, 9, 18, …, num_frames], p=0.9 for the longest
     video_repeat: int = 1  # videos are listed this many times (V2's image/video balance knob)

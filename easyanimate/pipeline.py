@@ -84,10 +84,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
         return self.vae_scale_factor * self.transformer.config.patch_size
 
     def latent_frames(self, num_frames: int) -> int:
-        """1 → 1; 9k → 3k (each 9-frame chunk encodes to 3 latent frames)."""
-        if num_frames == 1:
-            return 1
-        return num_frames // self.vae.config.mini_batch_encoder * self.vae.config.mini_batch_decoder
+        """Latent frames of a clip, by the VAE's rule: V2 9k → 3k; slice VAE 1 + 8k → 1 + 2k (8× variant 1 + k);
+        1 → 1. A count the VAE cannot make is a ``ValueError`` that names the rule."""
+        return self.vae.video_latent_frames(num_frames)
 
     def set_sampler(self, name: str) -> None:
         """Swap the scheduler for a V2 sampler name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")."""
@@ -204,9 +203,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
     def check_inputs(self, prompt, num_frames: int, height: int, width: int, num_inference_steps: int) -> None:
         if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
             raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-        n = self.vae.config.mini_batch_encoder
-        if num_frames != 1 and (num_frames < n or num_frames % n):
-            raise ValueError(f"num_frames must be 1 or a multiple of {n} (the VAE's chunk), got {num_frames}")
+        self.vae.check_num_frames(num_frames)  # the frame rule comes from the VAE (V2 chunks or slices)
         m = self.size_multiple
         if height % m or width % m or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of {m}, got {height}x{width}")
@@ -280,7 +277,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
 
         Args:
             prompt / negative_prompt: text(s); a negative prompt is used only when ``guidance_scale > 1``.
-            num_frames: 1 (an image) or a multiple of 9.
+            num_frames: 1 (an image), or what the VAE makes: a multiple of 9 (V2), 1 + 8k (slice VAE).
             height, width: multiples of 16.
             num_inference_steps, guidance_scale: sampler steps and classifier-free guidance weight.
             generator: a ``torch.Generator`` (CPU) for reproducible noise.

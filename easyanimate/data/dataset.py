@@ -22,6 +22,7 @@ V2's. V2's start bound ``int(0.1 · int(0.9 · L))`` is taken as the intended ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,21 +44,32 @@ MAX_SUBSTITUTE_TRIES = 8
 _RNG_LENGTH, _RNG_START, _RNG_TEXT, _RNG_SUBSTITUTE = 1, 2, 3, 4
 
 
-def frame_length_choices(num_frames: int) -> tuple[list[int], np.ndarray]:
-    """V2's ``--random_frame_crop`` lengths ``[1, 9, 18, …, num_frames]`` and their probabilities."""
+def frame_length_choices(num_frames: int, offset: int = 0, step: int = 9) -> tuple[list[int], np.ndarray]:
+    """V2's ``--random_frame_crop`` lengths ``[1, 9, 18, …, num_frames]`` and their probabilities (the slice VAE's
+    layout, ``offset=1, step=8``: ``[1, 9, 17, …]``)."""
     if num_frames == 1:
         return [1], np.ones(1)
-    if num_frames < 1 or num_frames % 9:
-        raise ValueError(f"num_frames must be 1 or a multiple of 9, got {num_frames}")
-    choices = [1] + list(range(9, num_frames + 1, 9))
+    if num_frames <= offset or (num_frames - offset) % step:
+        rule = f"{offset} + {step}k" if offset else f"a multiple of {step}"
+        raise ValueError(f"num_frames must be 1 or {rule}, got {num_frames}")
+    choices = [1] + list(range(offset + step, num_frames + 1, step))
     probs = np.full(len(choices), 0.1 / (len(choices) - 1))
     probs[-1] = 0.9
     return choices, probs / probs.sum()
 
 
-def usable_frames(n: int) -> int:
-    """Round a frame count down to what the VAE takes: 1 or a multiple of 9 (``max(1, n // 9 * 9)``)."""
-    return max(1, n // 9 * 9)
+def usable_frames(n: int, offset: int = 0, step: int = 9) -> int:
+    """Round a frame count down to what the VAE takes: 1 or ``offset + step·k`` (V2: ``max(1, n // 9 * 9)``)."""
+    if n < offset + step:
+        return 1
+    return offset + (n - offset) // step * step
+
+
+def with_frame_rule(cfg: DataConfig, frame_rule: tuple[int, int]) -> DataConfig:
+    """``cfg`` with the clip-length rule of the VAE that encodes the clips (``AutoencoderKLMagvit.frame_rule``:
+    ``(0, 9)`` for V2's chunks, ``(1, 8)`` for the slice VAE)."""
+    offset, step = (int(v) for v in frame_rule)
+    return dataclasses.replace(cfg, frame_offset=offset, frame_step=step)
 
 
 def middle_range(length: int) -> tuple[int, int]:
@@ -108,7 +120,7 @@ class VideoTextDataset(Dataset):
         self.epoch = 0
         self.failures = 0
         self.skipped: list[str] = []
-        frame_length_choices(cfg.num_frames)  # validates num_frames
+        frame_length_choices(cfg.num_frames, cfg.frame_offset, cfg.frame_step)  # validates num_frames
         if cfg.stride < 1:
             raise ValueError(f"stride must be >= 1, got {cfg.stride}")
         root = root if root is not None else (cfg.root or None)
@@ -170,7 +182,7 @@ class VideoTextDataset(Dataset):
             max_frames = 1
         else:
             lo, hi = middle_range(length)
-            max_frames = usable_frames(min(self.cfg.num_frames, hi - lo))
+            max_frames = usable_frames(min(self.cfg.num_frames, hi - lo), self.cfg.frame_offset, self.cfg.frame_step)
         return {"entry": entry, "type": kind, "path": path, "width": width, "height": height, "length": length,
                 "bucket": key, "size": size, "max_frames": max_frames}
 
@@ -186,7 +198,7 @@ class VideoTextDataset(Dataset):
 
     def _drawn_lengths(self, epoch: int) -> np.ndarray:
         if self._lengths_cache is None or self._lengths_cache[0] != epoch:
-            choices, probs = frame_length_choices(self.cfg.num_frames)
+            choices, probs = frame_length_choices(self.cfg.num_frames, self.cfg.frame_offset, self.cfg.frame_step)
             rng = np.random.default_rng([int(self.cfg.seed), int(epoch), _RNG_LENGTH])
             self._lengths_cache = (epoch, rng.choice(np.asarray(choices), size=len(self.items), p=probs))
         return self._lengths_cache[1]

@@ -13,6 +13,20 @@ Conventions shared by every block (they decide numerical parity with the release
 * Temporal downsampling (stride 2 with 2 replicated front frames) maps ``T -> (T - 1) // 2 + 1`` (9 -> 5 -> 3);
   temporal upsampling keeps frame 0 and linearly doubles the remaining frames, ``T -> 2T - 1`` (3 -> 5 -> 9).
 
+Temporal modes. Every module that treats time specially (:class:`CausalConv3d`, :class:`SpatialTemporalUpsampler3D`)
+has a run-time ``temporal_mode`` (set for a whole tree with :func:`set_temporal_mode`; never saved in a checkpoint):
+
+* ``"causal"`` — the V2 rule above (the default).
+* ``"slice_first"`` / ``"slice"`` — the official slice VAE (``slice_compression_vae``): convolutions zero-pad
+  ``ceil(((k_t - 1) + (1 - stride_w)) / 2)`` (= 1) frames on *both* sides, so stride 2 maps 8 -> 4 -> 2 and 1 -> 1.
+  The temporal upsampler does nothing to time for the lone first frame (``slice_first``) and doubles every frame
+  of a slice (``slice``, ``T -> 2T``: 2 -> 4 -> 8).
+* ``"cached"`` — the causal cache: a convolution prepends the frames it kept from the previous call instead of
+  padding (the first call pads like ``"causal"``) and keeps, for the next call, the padded input from its next
+  window start on; the temporal upsampler interpolates with the previous call's last frame in front (``T -> 2T``;
+  the first call uses the V2 rule). Feeding a clip in consecutive calls thus gives the causal convolutions of the
+  whole clip, each frame computed once. Clear the kept frames with :func:`reset_temporal_cache`.
+
 State-dict names (``convs``, ``downsampler.conv``, ``upsampler.conv``, ``attentions``, ``norm1``/``conv1``/...,
 ``shortcut``, ``to_q``/``to_k``/``to_v``/``to_out``, ``group_norm``) follow the released checkpoint layout, and
 modules are registered in the checkpoint's order.
@@ -20,6 +34,7 @@ modules are registered in the checkpoint's order.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -30,6 +45,23 @@ GROUP_NORM_EPS = 1e-6
 
 DOWN_BLOCK_TYPES = ("SpatialDownBlock3D", "SpatialTemporalDownBlock3D")
 UP_BLOCK_TYPES = ("SpatialUpBlock3D", "SpatialTemporalUpBlock3D")
+TEMPORAL_MODES = ("causal", "slice_first", "slice", "cached")
+
+
+def set_temporal_mode(module: nn.Module, mode: str) -> None:
+    """Set ``temporal_mode`` (see the module docstring) on every time-aware submodule of ``module``."""
+    if mode not in TEMPORAL_MODES:
+        raise ValueError(f"temporal mode must be one of {TEMPORAL_MODES}; got {mode!r}")
+    for m in module.modules():
+        if hasattr(m, "temporal_mode"):
+            m.temporal_mode = mode
+
+
+def reset_temporal_cache(module: nn.Module) -> None:
+    """Drop the frames every ``"cached"``-mode submodule of ``module`` kept from its previous call."""
+    for m in module.modules():
+        if hasattr(m, "temporal_cache"):
+            m.temporal_cache = None
 
 
 def make_activation(name: str) -> nn.Module:
@@ -63,6 +95,7 @@ class CausalConv3d(nn.Conv3d):
     so the temporal length only changes through the temporal stride: ``T -> (T - 1) // stride_t + 1``.
     Spatial padding is ordinary zero padding of ``spatial_padding`` pixels (default ``kernel // 2``).
     The parameters are those of a plain ``nn.Conv3d`` (``weight [out, in, kt, kh, kw]``, ``bias [out]``).
+    ``temporal_mode`` switches to the slice VAE's zero padding or to the causal cache (module docstring).
     """
 
     def __init__(
@@ -86,11 +119,31 @@ class CausalConv3d(nn.Conv3d):
             padding=(0, pad_h, pad_w),
         )
         self.time_pad = kt - 1
+        # the official slice mode pads symmetrically; its formula uses the *width* stride (kept for parity)
+        self.slice_time_pad = math.ceil(((kt - 1) + (1 - self.stride[2])) / 2)
+        self.temporal_mode = "causal"
+        self.temporal_cache: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.time_pad > 0:
+        mode = self.temporal_mode
+        if mode in ("slice", "slice_first"):
+            if self.slice_time_pad > 0:
+                x = F.pad(x, (0, 0, 0, 0, self.slice_time_pad, self.slice_time_pad))
+            return super().forward(x)
+        if mode == "cached" and self.temporal_cache is not None:
+            x = torch.cat([self.temporal_cache.to(x.dtype), x], dim=2)
+        elif self.time_pad > 0:
             first = x[:, :, :1]
             x = torch.cat([first.expand(-1, -1, self.time_pad, -1, -1), x], dim=2)
+        if mode == "cached":
+            kt, st = self.kernel_size[0], self.stride[0]
+            n_out = (x.shape[2] - kt) // st + 1
+            if n_out < 1:
+                raise ValueError(
+                    f"causal cache: a call gave this conv {x.shape[2]} frames with what it kept, fewer than its "
+                    f"temporal kernel {kt}; feed whole slices"
+                )
+            self.temporal_cache = x[:, :, n_out * st :]
         return super().forward(x)
 
 
@@ -230,18 +283,38 @@ class SpatialUpsampler3D(nn.Module):
         return self.conv(x)
 
 
+def _double_time(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=(2.0, 1.0, 1.0), mode="trilinear", align_corners=False)
+
+
 class SpatialTemporalUpsampler3D(SpatialUpsampler3D):
     """Spatial x2 + conv as :class:`SpatialUpsampler3D`, then time ``T -> 2T - 1``: frame 0 is kept as is and
     frames ``1:`` are doubled by linear interpolation in time (trilinear with unit spatial scale,
-    ``align_corners=False``)."""
+    ``align_corners=False``). Slice VAE (``temporal_mode``): ``slice_first`` keeps time, ``slice`` doubles every
+    frame (``T -> 2T``); ``cached`` doubles every frame with the previous call's last frame as left neighbour."""
 
     temporal = True
 
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.temporal_mode = "causal"
+        self.temporal_cache: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = super().forward(x)
+        mode = self.temporal_mode
+        if mode == "slice_first":
+            return x
+        if mode == "slice":
+            return _double_time(x)
+        if mode == "cached" and self.temporal_cache is not None:
+            prev = self.temporal_cache.to(x.dtype)
+            self.temporal_cache = x[:, :, -1:]
+            return _double_time(torch.cat([prev, x], dim=2))[:, :, 2:]
+        if mode == "cached":
+            self.temporal_cache = x[:, :, -1:]
         if x.shape[2] > 1:
-            rest = F.interpolate(x[:, :, 1:], scale_factor=(2.0, 1.0, 1.0), mode="trilinear", align_corners=False)
-            x = torch.cat([x[:, :, :1], rest], dim=2)
+            x = torch.cat([x[:, :, :1], _double_time(x[:, :, 1:])], dim=2)
         return x
 
 
@@ -323,8 +396,15 @@ class UpBlock3D(nn.Module):
 
 
 def _run(module: nn.Module, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``module(x)``, through gradient checkpointing when the owner has it switched on and grads are enabled."""
-    if getattr(owner, "gradient_checkpointing", False) and torch.is_grad_enabled():
+    """Run ``module(x)``, through gradient checkpointing when the owner has it switched on and grads are enabled.
+
+    Never in ``"cached"`` mode: a recomputation during backward would read (and overwrite) the causal cache of a
+    later slice."""
+    if (
+        getattr(owner, "gradient_checkpointing", False)
+        and torch.is_grad_enabled()
+        and owner.conv_in.temporal_mode != "cached"
+    ):
         return owner._gradient_checkpointing_func(module, x)
     return module(x)
 
@@ -428,9 +508,20 @@ class Decoder3D(nn.Module):
         self.conv_act = make_activation(act_fn)
         self.conv_out = CausalConv3d(reversed_widths[-1], out_channels, 3)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(z)
-        x = _run(self.mid_block, self, x)
+    def forward(
+        self, z: torch.Tensor, previous: torch.Tensor | None = None, following: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode ``z``. The official slice decoder passes the neighbouring latent slices as ``previous`` /
+        ``following``: they go through ``conv_in`` and the mid block together with ``z`` (so its attention and
+        GroupNorm see them) and are cropped off before the up blocks."""
+        if previous is None and following is None:
+            x = self.conv_in(z)
+            x = _run(self.mid_block, self, x)
+        else:
+            parts = [t for t in (previous, z, following) if t is not None]
+            x = _run(self.mid_block, self, self.conv_in(torch.cat(parts, dim=2)))
+            start = 0 if previous is None else previous.shape[2]
+            x = x[:, :, start : start + z.shape[2]]
         for block in self.up_blocks:
             x = _run(block, self, x)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..data.dataset import build_dataloader, load_train_validation
+from ..data.dataset import build_dataloader, load_train_validation, with_frame_rule
 from ..fsutil import replace_dir
 from ..pipeline import build_pipeline
 from ..tracking import JsonlTracker, NullTracker, Tracker
@@ -536,7 +536,7 @@ def train_dit(cfg: Config, data: Path | str | None, output: Path | str, resume: 
     model, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
 
     # 5. data and caption embeddings
-    train_ds, val_ds = load_train_validation(cfg.data, data)
+    train_ds, val_ds = load_train_validation(with_frame_rule(cfg.data, pipe.vae.frame_rule), data)  # the VAE's clip rule
     captions = [it["entry"].get("text", "") for it in train_ds.items] + [""]
     if val_ds is not None:
         captions += [it["entry"].get("text", "") for it in val_ds.items]

@@ -2,7 +2,8 @@
 
 Recipe (EasyAnimate V2 ``autoencoder_kl_32x32x4_mag.yaml`` + ``LPIPSWithDiscriminator``, in our own code):
 
-- clips of ``train.vae.num_frames`` (9) frames, images as 1-frame clips, in [-1, 1];
+- clips of ``train.vae.num_frames`` (9) frames, images as 1-frame clips, in [-1, 1]; a slice VAE
+  (``slice_compression_vae``, the official slice configs) takes clips of 1 + 8k frames (e.g. 17) instead;
 - autoencoder loss = L1 (1.0) + L2 (0.1) + optional LPIPS (``perceptual_weight``, local weights) + KL (1e-6), see
   :mod:`easyanimate.train.losses` for the normalisation (and why V2's learned NLL log-variance is fixed at 0);
 - from optimizer step ``disc_start`` on, hinge GAN with a 2D PatchGAN on frames and a 3D discriminator on clips;
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, DataConfig, VAETrainConfig
-from ..data.dataset import VideoTextDataset, build_dataloader, load_train_validation
+from ..data.dataset import VideoTextDataset, build_dataloader, load_train_validation, with_frame_rule
 from ..fsutil import replace_dir
 from ..models.autoencoder_magvit import AutoencoderKLMagvit
 from ..tracking import JsonlTracker, NullTracker
@@ -193,7 +194,7 @@ def _build_run(cfg: Config, data: Path, output: Path, accelerator, tracker) -> _
     perceptual = build_perceptual(vcfg)
     if perceptual is not None:
         perceptual.to(accelerator.device)
-    data_cfg = vae_data_config(cfg)
+    data_cfg = vae_data_config(cfg, vae)
     train_ds, val_ds = load_train_validation(data_cfg, data, data_cfg.root or None)
     loader = build_dataloader(train_ds, data_cfg, rank=accelerator.process_index,
                               world_size=accelerator.num_processes)
@@ -236,11 +237,18 @@ def build_perceptual(vcfg: VAETrainConfig) -> PerceptualLoss | None:
     return PerceptualLoss(vcfg.perceptual_model)
 
 
-def vae_data_config(cfg: Config) -> DataConfig:
+def vae_data_config(cfg: Config, vae: AutoencoderKLMagvit | None = None) -> DataConfig:
     """The data section for VAE training: fixed ``train.vae.num_frames`` clips (V2's VAE trainer takes fixed-length
-    clips, so no random frame crop) and no caption dropout (captions are unused)."""
-    return dataclasses.replace(cfg.data, num_frames=cfg.train.vae.num_frames, random_frame_crop=False,
-                               caption_dropout=0.0)
+    clips, so no random frame crop) and no caption dropout (captions are unused). The clip-length rule is the
+    trained VAE's layout (``vae``, else ``model.vae``): 9k frames for V2's chunks, 1 + 8k for the slice VAE."""
+    if vae is not None:
+        rule = vae.frame_rule
+    else:
+        mv = cfg.model.vae
+        rule = (1 if mv.slice_compression_vae else 0, mv.mini_batch_encoder)
+    data_cfg = dataclasses.replace(cfg.data, num_frames=cfg.train.vae.num_frames, random_frame_crop=False,
+                                   caption_dropout=0.0)
+    return with_frame_rule(data_cfg, rule)
 
 
 def build_optimizers(vcfg: VAETrainConfig, vae: nn.Module, discs: nn.Module):

@@ -347,7 +347,8 @@ def test_save_and_reload_round_trip(tmp_path, tiny):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"slice_compression_vae": True}, r"slice_compression_vae=False.*got slice_compression_vae=True"),
+        ({"slice_compression_vae": True}, r"slice VAE: a slice of mini_batch_encoder=9 frames .* must be 3 and 9"),
+        ({"causal_cache": True}, r"causal_cache=True needs slice_compression_vae=True"),
         ({"use_gc_blocks": [True, False, False, False]}, r"use_gc_blocks=None.*got use_gc_blocks="),
         ({"down_block_types": ["DownEncoderBlock2D"] * 4}, r"down_block_types from .*DownEncoderBlock2D"),
         ({"up_block_types": ["UpDecoderBlock2D"] * 4}, r"up_block_types from .*UpDecoderBlock2D"),
