@@ -276,14 +276,9 @@ class TritonServer:
         try:
             backends = self._backend_directory()
             source = self._resolve_source()
-            self.stop_file = self.tmp / "stop"  # its existence tells every instance to stop at the next step
             params = {"model_source": source, "tracking_uri": self.tracking_uri or "",
-                      "model_alias": self.model if self.alias else "", "stop_file": str(self.stop_file),
-                      "shm_prefix": self.shm_prefix, **self.parameters}
-            kind = "KIND_GPU" if str(self.parameters.get("device", "")) == "cuda" else None
-            repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count,
-                                    instance_kind=kind, max_queue_size=self.max_queue,
-                                    queue_timeout=self.queue_timeout)
+                      "model_alias": self.model if self.alias else "", **self.parameters}
+            repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count)
             auto_ports = all(p is None for p in self._ports)
             for attempt in range(3 if auto_ports else 1):
                 self._launch(repo, backends)
