@@ -173,18 +173,23 @@ def serve(
     log: str | None = typer.Option("-", "--log", help="tritonserver log file ('-' = this terminal)"),
     lora_dir: Path | None = typer.Option(None, "--lora-dir", help="folder of official-format LoRA .safetensors that "
                                          "requests may name in LORA (default: LoRA disabled)"),
+    max_restarts: int = typer.Option(5, "--max-restarts", help="restart a tritonserver that dies this many times "
+                                     "(back-off 1, 2, 4, 8, 16 s) before giving up"),
 ) -> None:
     """Serve the model with the bundled tritonserver (KServe v2 HTTP + gRPC) until Ctrl-C / SIGTERM."""
     import signal
 
     from serving.launch import TritonLaunchError, TritonServer
+    from serving.supervisor import Endpoint
 
-    try:
+    try:  # the public host/ports are the validating front's; tritonserver listens on loopback behind it
         server = TritonServer(model, models=[m.strip() for m in models.split(",") if m.strip()],
-                              tracking_uri=tracking_uri, host=host, http_port=http_port, grpc_port=grpc_port,
-                              metrics_port=metrics_port, watch_alias=watch_alias, poll_interval=poll_interval,
+                              tracking_uri=tracking_uri,
+                              watch_alias=watch_alias, poll_interval=poll_interval,
                               parameters={"device": device, "dtype": dtype}, instance_count=instances, log=log,
                               lora_dir=lora_dir)
+        server = Endpoint(server, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          max_restarts=max_restarts)
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
@@ -197,8 +202,8 @@ def serve(
         typer.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                                "models": list(server.models), "source": server.model,
                                "version": server.served_version, "pid": server.pid}), err=True)
-        code = server.wait()
-        typer.echo(f"error: tritonserver exited with {code}", err=True)
+        server.wait()
+        typer.echo(f"error: {server.gave_up}; gave up after {server.max_restarts} restarts", err=True)
         raise typer.Exit(1)
     except TritonLaunchError as exc:
         typer.echo(f"error: {exc}", err=True)
