@@ -42,6 +42,21 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.save / pickle containers
+
+
+def refuse_pickle_weights(folder: Path, part: str) -> None:
+    """Raise ``ValueError`` when a component folder holds pickle weights (``*.bin``, ``*.pt``, …) and no
+    ``.safetensors``: loading a pickle runs code from the file, so only ``.safetensors`` weights are ever loaded
+    (a folder holding both loads its ``.safetensors``; the loaders are called with ``use_safetensors=True``)."""
+    if not folder.is_dir():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{part}/{pickles[0]} is a pickle weight file, which is never loaded; expected .safetensors "
+                         f"weights in {part}/ (convert them once with safetensors.torch.save_file)")
+
+
 @dataclass
 class EasyAnimatePipelineOutput(BaseOutput):
     """``videos``: (B, 3, F, H, W) float in [0, 1] ("pt"), (B, F, H, W, 3) array ("np"), or latents ("latent")."""
@@ -121,11 +136,15 @@ class EasyAnimatePipeline(DiffusionPipeline):
             raise FileNotFoundError(f"{root} is not a pipeline folder: expected {root / 'model_index.json'}")
         index = json.loads((root / "model_index.json").read_text())
         dtype = resolve_dtype(torch_dtype)
+        for part in ("transformer", "vae", "text_encoder"):
+            if part not in components:
+                refuse_pickle_weights(root / part, part)
 
         transformer = components.pop("transformer", None) or Transformer3DModel.from_pretrained(
-            root / "transformer", torch_dtype=dtype
+            root / "transformer", torch_dtype=dtype, use_safetensors=True
         )
-        vae = components.pop("vae", None) or AutoencoderKLMagvit.from_pretrained(root / "vae", torch_dtype=dtype)
+        vae = components.pop("vae", None) or AutoencoderKLMagvit.from_pretrained(root / "vae", torch_dtype=dtype,
+                                                                                use_safetensors=True)
 
         te_ref = text_encoder_path or index.get("_text_encoder_ref")
         tokenizer, text_encoder = components.pop("tokenizer", None), components.pop("text_encoder", None)

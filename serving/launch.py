@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -52,6 +53,11 @@ TRITONSERVER_ENV = "EASYANIMATE_TRITONSERVER"  # path of a tritonserver binary (
 BACKENDS_ENV = "EASYANIMATE_TRITON_BACKENDS"  # its backend directory (default: built from the wheel's files)
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+# Triton endpoints that change or reveal what is served (load/unload/config override, the config's paths, shared
+# memory, trace/log settings, statistics): closed to clients; the launcher and its watcher send ADMIN_HEADER with a
+# per-server random key. Health, metadata and inference stay open.
+RESTRICTED_APIS = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+ADMIN_HEADER = "x-easyanimate-admin"
 
 
 class TritonLaunchError(RuntimeError):
@@ -223,6 +229,10 @@ class TritonServer:
                            self.model)
         self.served_version: str | None = None  # the registry version both models serve (alias sources)
         self._failed_version: str | None = None  # an alias target that failed to load: not retried every poll
+        # the key of the restricted APIs (RESTRICTED_APIS): only this object (launcher + watcher) holds it
+        self._admin_key = secrets.token_urlsafe(32)
+        # serve alias targets without a passed evaluation gate (``promotion`` tag); off: such a version is refused
+        self.allow_ungated = False
         self.shm_prefix = f"ea{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self.proc: subprocess.Popen | None = None
         self.http_port = self.grpc_port = self.metrics_port = None
@@ -317,8 +327,25 @@ class TritonServer:
         """The model_source both models load: an alias resolved to its current version (so a reload is explicit)."""
         if self.alias is None:
             return self.model
-        self.served_version = self._alias_version()
+        version = self._alias_version()
+        refusal = self._gate_refusal(version)
+        if refusal:
+            raise TritonLaunchError(f"models:/{self.alias[0]}@{self.alias[1]} points at version {version}, which is "
+                                    f"not served: {refusal}")
+        self.served_version = version
         return f"models:/{self.alias[0]}/{self.served_version}"
+
+    def _gate_refusal(self, version: str) -> str | None:
+        """Why registry version ``version`` must not be served (None: its evaluation passed the gates, or
+        ``allow_ungated``); see ``serving.registry.gate_refusal``."""
+        if self.allow_ungated:
+            return None
+        from mlflow.tracking import MlflowClient
+
+        from .registry import gate_refusal
+
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return gate_refusal(client.get_model_version(self.alias[0], version))
 
     def _alias_version(self) -> str:
         from mlflow.tracking import MlflowClient
@@ -349,6 +376,8 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models],
             "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout}", "--log-verbose=0",
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self._admin_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self._admin_key}",
         ]
         if self.log == "-":
             out = None
@@ -370,7 +399,8 @@ class TritonServer:
     def _request(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, str]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(f"{self.http_url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+                                     headers={ADMIN_HEADER: self._admin_key,
+                                              **({"Content-Type": "application/json"} if data else {})})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 return resp.status, resp.read().decode(errors="replace")
@@ -511,6 +541,20 @@ class TritonServer:
             except Exception as exc:  # registry briefly unreachable: keep serving what we have
                 logger.warning("could not resolve models:/%s@%s: %s", *self.alias, exc)
                 version = self.served_version
+            if version not in (self.served_version, self._failed_version):
+                try:
+                    refusal = self._gate_refusal(version)
+                except Exception as exc:  # cannot read the gate record: not served until it can be
+                    refusal = f"its gate record could not be read ({type(exc).__name__})"
+                if refusal:
+                    logger.error("alias %s of %s moved to version %s: NOT served, %s; still serving version %s",
+                                 self.alias[1], self.alias[0], version, refusal, self.served_version)
+                    for model in self.models:
+                        self.reloads.append({"model": model, "reason": f"alias {self.alias[1]} moved",
+                                             "version": version, "ok": False, "error": f"refused: {refusal}",
+                                             "time": time.time()})
+                    self._failed_version = version  # checked again only when the alias moves on
+                    version = self.served_version
             if version not in (self.served_version, self._failed_version):
                 source = f"models:/{self.alias[0]}/{version}"
                 ok = True

@@ -21,7 +21,10 @@ metric.<name>       the evaluation metrics given at registration or promotion (r
 =================== ==========================================================================================
 
 Aliases: every new version gets ``challenger``; ``promote_if_better`` moves ``champion`` when the gates pass and the
-version is not worse than the current champion.
+version is not worse than the current champion, and records the outcome in the version tag ``promotion``
+(``promoted: …`` / ``rejected: …``). That tag is the gate record serving trusts: ``gate_refusal`` refuses a version
+whose record is missing or says rejected, whoever moved the alias (``serve`` and its watcher keep the last good one).
+The record is only as trustworthy as the registry's write access: run MLflow with authentication (``infra/README.md``).
 """
 
 from __future__ import annotations
@@ -366,6 +369,27 @@ def promote_if_better(
     return promoted, reasons
 
 
+GATE_TAG = "promotion"
+
+
+def gate_refusal(mv: ModelVersion) -> str | None:
+    """Why version ``mv`` must not be served (None when its evaluation passed the gates): its ``promotion`` tag
+    says rejected, or it has none (never evaluated by ``promote_if_better``)."""
+    outcome = str((mv.tags or {}).get(GATE_TAG) or "")
+    if outcome.startswith("promoted"):
+        return None
+    if outcome.startswith("rejected"):
+        return f"version {mv.version} failed its evaluation gates ({outcome[:300]})"
+    return (f"version {mv.version} has no gate record (tag {GATE_TAG!r}): it was never evaluated against the gates "
+            "(promote_if_better)")
+
+
+def alias_gate_refusal(name: str, alias: str, tracking_uri: str | None) -> tuple[str, str | None]:
+    """``(version, gate_refusal)`` of the version ``name@alias`` points at now."""
+    mv = _client(tracking_uri).get_model_version_by_alias(name, alias)
+    return str(mv.version), gate_refusal(mv)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # resolving and loading
 
@@ -450,5 +474,5 @@ def load_pipeline(model_uri: str, tracking_uri: str | None, cache_dir: str | os.
                                                **from_pretrained_kwargs)
 
 
-__all__ = ["CHALLENGER", "CHAMPION", "check_gates", "download_pipeline", "git_commit", "load_pipeline",
-           "promote_if_better", "register_pipeline", "resolve_alias"]
+__all__ = ["CHALLENGER", "CHAMPION", "GATE_TAG", "alias_gate_refusal", "check_gates", "download_pipeline",
+           "gate_refusal", "git_commit", "load_pipeline", "promote_if_better", "register_pipeline", "resolve_alias"]

@@ -40,6 +40,7 @@ import numpy as np
 MAX_SEED = 2**63 - 1
 DEFAULT_LORA_ALPHA = 0.55  # V2's UI default
 LORA_SUFFIX = ".safetensors"
+MAX_LORA_NAME_BYTES = 255  # a file name longer than this cannot exist (NAME_MAX on Linux file systems)
 
 # input name → (request field, Triton datatype); the order is the documented one
 INPUTS: dict[str, tuple[str, str]] = {
@@ -174,6 +175,10 @@ def _text(name: str, value: Any, limits: Limits, allow_empty: bool) -> str:
     if arr.dtype.kind not in "OSU":
         raise RequestError(f"{name} must be BYTES (a UTF-8 string), got {_datatype(arr)}")
     item = arr.reshape(-1)[0]
+    if isinstance(item, (bytes, np.bytes_, str)) and len(item) > 4 * limits.max_prompt_chars:
+        # refused before decoding: UTF-8 takes at most 4 bytes a character, so this many cannot fit
+        raise RequestError(f"{name} must be at most {limits.max_prompt_chars} characters, got {len(item)} "
+                           f"{'characters' if isinstance(item, str) else 'bytes'}")
     if isinstance(item, (bytes, np.bytes_)):
         try:
             text = bytes(item).decode("utf-8")
@@ -247,8 +252,11 @@ def check_lora_name(name: str) -> str:
     absolute path, so a request can only pick among the files the server's LoRA folder holds."""
     if not name:
         return name
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_LORA_NAME_BYTES:
+        raise RequestError(f"LORA must be a file name of at most {MAX_LORA_NAME_BYTES} bytes, got {size} bytes")
     bad = ("/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or ":" in name
-           or "\x00" in name or name != name.strip())
+           or any(ord(c) < 32 or ord(c) == 127 for c in name) or name != name.strip())
     if bad:
         raise RequestError(f"LORA must be the name of a {LORA_SUFFIX} file in the server's LoRA folder, not a path: "
                            f"got {name!r}")
@@ -268,11 +276,13 @@ def resolve_lora(name: str, lora_dir: str | os.PathLike | None) -> Path | None:
     if not lora_dir:
         raise RequestError(f"LORA {name!r}: this server has no LoRA folder (start it with --lora-dir)")
     folder = Path(lora_dir).resolve()
-    path = (folder / name).resolve()
-    if path.parent != folder or not path.is_file():
-        available = sorted(p.name for p in folder.glob(f"*{LORA_SUFFIX}")) if folder.is_dir() else []
-        raise RequestError(f"LORA {name!r} is not in the server's LoRA folder; available: "
-                           f"{', '.join(available) or 'none'}")
+    try:
+        path = (folder / name).resolve()
+        found = path.parent == folder and path.is_file()
+    except (OSError, RuntimeError):  # a name the file system cannot take, a symlink loop
+        found = False
+    if not found:  # neither the server's folder nor its listing goes back to the client
+        raise RequestError(f"LORA {name!r} is not in the server's LoRA folder")
     return path
 
 

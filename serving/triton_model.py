@@ -124,6 +124,12 @@ def _registered(source: str, tracking_uri: str | None) -> tuple[Path, dict[str, 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
           else client.get_model_version(m["name"], m["version"]))
+    if m["alias"]:  # an alias names whatever passed the gates; a pinned version is the operator's explicit choice
+        from .registry import gate_refusal
+
+        refusal = gate_refusal(mv)
+        if refusal:
+            raise ValueError(f"{source} points at version {mv.version}, which is not served: {refusal}")
     pinned = f"models:/{mv.name}/{mv.version}"  # the alias may move while we download: load what we resolved
     folder = download_pipeline(pinned, tracking_uri)
     defaults: dict[str, Any] = {}
@@ -179,7 +185,7 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
         folder = Path(source).expanduser().resolve()
         pipe = EasyAnimatePipeline.from_pretrained(folder, torch_dtype=dtype or None)
         defaults = {}
-        info = {"name": folder.name, "version": "local", "source": str(folder),
+        info = {"name": folder.name, "version": "local", "source": folder.name,  # answers carry no server path
                 "weights_sha256": _folder_digest(folder)}
     if alias_uri:
         info["alias_uri"] = alias_uri
@@ -255,7 +261,9 @@ def generate(model: LoadedModel, req: GenerationRequest,
             except Exception as exc:  # does not fit (ValueError) or cannot be read: the weights are untouched
                 if not isinstance(exc, (ValueError, OSError)) and type(exc).__name__ != "SafetensorError":
                     raise  # e.g. out of memory while merging: a server failure, not the request's
-                raise RequestError(f"LORA {req.lora!r} cannot be applied to this model: {exc}") from None
+                why = f"the file cannot be read ({exc.strerror or type(exc).__name__})" if isinstance(exc, OSError) \
+                    else str(exc)  # OSError messages carry the server's path: only its reason goes back
+                raise RequestError(f"LORA {req.lora!r} cannot be applied to this model: {why}") from None
         pipe.set_sampler(req.sampler)  # a fresh scheduler per request: no state carried over
         generator = torch.Generator("cpu").manual_seed(req.seed)
         pipe.encode_prompt = timed_encode  # instance attribute: times both prompt encodings of this call
@@ -331,7 +339,9 @@ class TritonPythonModel:
         if isinstance(exc, ValueError):  # the pipeline's own checks (e.g. a size its VAE cannot take)
             return pb_utils.TritonError(f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
         self._log("error", f"{self.name}: generation failed: {traceback.format_exc()}")
-        return pb_utils.TritonError(f"generation failed: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+        # the traceback (paths included) stays in the server log; the client learns the kind of failure only
+        return pb_utils.TritonError(f"generation failed on the server ({type(exc).__name__}); the server log has the "
+                                    "details", pb_utils.TritonError.INTERNAL)
 
     def _parse(self, request) -> GenerationRequest:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}

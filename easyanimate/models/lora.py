@@ -54,7 +54,7 @@ def load_lora_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _check(parts: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> None:
-    """Shape checks of one module's LoRA tensors against its Linear weight (no arithmetic)."""
+    """Shape checks of one module's LoRA tensors against its Linear weight, and that they are finite numbers."""
     if "down" not in parts or "up" not in parts:
         raise ValueError(f"LoRA module {name}: needs lora_down and lora_up, found {sorted(parts)}")
     down, up = parts["down"], parts["up"]
@@ -66,6 +66,14 @@ def _check(parts: dict[str, torch.Tensor], name: str, weight: torch.Tensor) -> N
         raise ValueError(
             f"LoRA module {name}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit weight {tuple(expected)}"
         )
+    for slot in ("down", "up", "alpha"):  # NaN/Inf would silently turn every output into garbage
+        t = parts.get(slot)
+        if t is None:
+            continue
+        if slot == "alpha" and t.numel() != 1:
+            raise ValueError(f"LoRA module {name}: alpha must be a single number, got shape {tuple(t.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"LoRA module {name}: {slot} holds NaN or Inf values; expected finite numbers")
 
 
 def _delta(parts: dict[str, torch.Tensor], name: str, weight: torch.Tensor, multiplier: float) -> torch.Tensor:

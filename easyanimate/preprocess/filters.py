@@ -23,11 +23,12 @@ Aesthetic model folder layout (``QualityConfig.aesthetic_model``; nothing is eve
 
     <folder>/
       clip/                      a ``transformers`` CLIP checkpoint: config.json (CLIPModel or CLIPVisionModelWithProjection),
-                                 model.safetensors (or pytorch_model.bin) and preprocessor_config.json,
+                                 model.safetensors and preprocessor_config.json,
                                  e.g. openai/clip-vit-large-patch14 saved with save_pretrained.
                                  (The CLIP files may also sit directly in <folder> instead of clip/.)
-      aesthetic_head.safetensors the MLP head state dict; also accepted: aesthetic_head.pth, or the single *.pth at the
-                                 folder root (so LAION's ``sac+logos+ava1-l14-linearMSE.pth`` drops in as is).
+      aesthetic_head.safetensors the MLP head state dict. Pickle files (``*.pth``, ``pytorch_model.bin``) are refused:
+                                 convert LAION's ``sac+logos+ava1-l14-linearMSE.pth`` once with
+                                 ``save_file(torch.load(p, weights_only=True), "aesthetic_head.safetensors")``.
 
 The head is LAION's ``MLP``: ``layers.{0,2,4,6,7}.{weight,bias}`` — Linear(768,1024) Dropout Linear(1024,128) Dropout
 Linear(128,64) Dropout Linear(64,16) Linear(16,1), no activations; any chain of Linear layers whose first input equals
@@ -288,10 +289,10 @@ def sharpness_score(frame: np.ndarray, size: int = 256) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var())
 
 
-_HEAD_NAMES = ("aesthetic_head.safetensors", "aesthetic_head.pth")
-_LAYOUT = ("expected <folder>/clip/ (a transformers CLIP checkpoint with config.json, weights and "
+_HEAD_NAMES = ("aesthetic_head.safetensors",)
+_LAYOUT = ("expected <folder>/clip/ (a transformers CLIP checkpoint with config.json, model.safetensors and "
            "preprocessor_config.json; or those files directly in <folder>) and <folder>/aesthetic_head.safetensors "
-           "(or aesthetic_head.pth, or a single *.pth such as sac+logos+ava1-l14-linearMSE.pth)")
+           "(pickle weights such as *.pth are not loaded: convert them to .safetensors)")
 
 
 class AestheticScorer:
@@ -334,7 +335,7 @@ class AestheticScorer:
             hf_logging.set_verbosity_error()  # the unused text tower is reported as unexpected keys
             try:
                 self.clip = CLIPVisionModelWithProjection.from_pretrained(str(clip_dir), config=config,
-                                                                          local_files_only=True)
+                                                                          local_files_only=True, use_safetensors=True)
             finally:
                 hf_logging.set_verbosity(previous)
         except (OSError, ValueError, KeyError) as exc:
@@ -349,22 +350,20 @@ class AestheticScorer:
         for name in _HEAD_NAMES:
             if (folder / name).is_file():
                 return folder / name
-        pths = sorted(folder.glob("*.pth"))
-        if len(pths) == 1:
-            return pths[0]
-        found = ", ".join(p.name for p in pths) or "none"
-        raise FileNotFoundError(f"aesthetic_model {str(folder)!r}: no MLP head file (found *.pth: {found}); {_LAYOUT}")
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl"))
+        if pickles:
+            raise ValueError(f"aesthetic_model: {pickles[0]} is a pickle weight file, which is never loaded; expected "
+                             f"aesthetic_head.safetensors (convert it once with safetensors' save_file)")
+        raise FileNotFoundError(f"aesthetic_model {str(folder)!r}: no aesthetic_head.safetensors; {_LAYOUT}")
 
     @staticmethod
     def _load_head(path: Path, embed_dim: int):
         import torch
+        from safetensors.torch import load_file
 
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"aesthetic head {path.name}: expected a .safetensors file (no pickles)")
+        state = load_file(str(path))
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         weights = {}

@@ -248,7 +248,8 @@ def test_served_from_mlflow_alias_and_reloaded_when_it_moves(mlflow_server, tiny
         assert (meta["parameters"]["height"], meta["parameters"]["width"], meta["parameters"]["fps"]) == (32, 48, 8)
         assert read_video(result.data).shape == (9, 32, 48, 3)
 
-        MlflowClient(mlflow_server).set_registered_model_alias(name, "champion", v2.version)
+        assert promote_if_better(name, v2.version, {"psnr": 25.0}, {"psnr": {"min": 20.0}},
+                                 tracking_uri=mlflow_server)[0]  # only a gated version is served
         _wait_for(lambda: _served_version(server) == str(v2.version), 180, f"version {v2.version} to be served")
         assert server.pid == pid and server.served_version == str(v2.version)  # same server, new weights
         assert client.infer_http(_http(server), to_inputs("a cat", steps=1)).metadata["parameters"]["fps"] == 12

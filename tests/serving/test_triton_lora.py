@@ -86,7 +86,7 @@ def test_lora_applied_per_request_and_unmerged_after(lora_dir, tmp_path_factory)
             "../x.safetensors": "LORA must be the name of a .safetensors file in the server's LoRA folder, not a path",
             "/etc/passwd": "not a path",
             "../outside.safetensors": "not a path",
-            "missing.safetensors": "LORA 'missing.safetensors' is not in the server's LoRA folder; available: ",
+            "missing.safetensors": "LORA 'missing.safetensors' is not in the server's LoRA folder",
             "other_arch.safetensors": "cannot be applied to this model: other_arch.safetensors: 1 LoRA module(s) "
                                       "match no Linear",
             "half_fits.safetensors": "does not fit weight",

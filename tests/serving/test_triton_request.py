@@ -83,7 +83,7 @@ def test_out_of_range_values_give_one_clear_message(params, message):
 def test_text_inputs():
     with pytest.raises(RequestError, match=r"^PROMPT must not be empty$"):
         _parse("   ")
-    with pytest.raises(RequestError, match=r"^PROMPT must be at most 2000 characters, got 100000$"):
+    with pytest.raises(RequestError, match=r"^PROMPT must be at most 2000 characters, got 100000 bytes$"):
         _parse("x" * 100_000)
     with pytest.raises(RequestError, match=r"^NEGATIVE_PROMPT must be at most 2000 characters"):
         _parse(negative_prompt="y" * 2001)
@@ -211,8 +211,7 @@ def test_resolve_lora_only_inside_the_folder(tmp_path):
     assert resolve_lora("style.safetensors", folder) == (folder / "style.safetensors").resolve()
     with pytest.raises(RequestError, match=r"this server has no LoRA folder \(start it with --lora-dir\)"):
         resolve_lora("style.safetensors", "")
-    with pytest.raises(RequestError, match=r"^LORA 'missing\.safetensors' is not in the server's LoRA folder; "
-                                           r"available: link\.safetensors, style\.safetensors$"):
+    with pytest.raises(RequestError, match=r"^LORA 'missing\.safetensors' is not in the server's LoRA folder$"):
         resolve_lora("missing.safetensors", folder)
     with pytest.raises(RequestError, match="is not in the server's LoRA folder"):  # a link out of the folder
         resolve_lora("link.safetensors", folder)
