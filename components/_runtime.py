@@ -115,9 +115,16 @@ def find_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str) -> st
 def end_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str,
                      final_status: dict[str, Any] | None) -> str:
     """Close the parent run of KFP run ``kfp_run_id`` with the pipeline's final state (KFP
-    ``PipelineTaskFinalStatus``); returns the MLflow status written (FINISHED, FAILED, KILLED) or NOT_FOUND."""
-    from components.mlflow_tracker import MlflowTracker, end_run
+    ``PipelineTaskFinalStatus``); returns the MLflow status written (FINISHED, FAILED, KILLED), NOT_FOUND, or
+    UNREACHABLE when the tracking server does not answer."""
+    from components.mlflow_tracker import MlflowTracker, TrackingUnavailable, bound_http_retries, check_tracking, end_run
 
+    bound_http_retries()
+    try:
+        check_tracking(tracking_uri or None)
+    except TrackingUnavailable as exc:  # the exit handler reports, it does not fail a second time
+        logger.error("cannot close the pipeline's MLflow run: %s", exc)
+        return "UNREACHABLE"
     run_id = find_pipeline_run(tracking_uri, experiment, kfp_run_id)
     if run_id is None:
         logger.warning("no MLflow run tagged kfp_run_id=%s in experiment %r: nothing to close", kfp_run_id, experiment)

@@ -7,6 +7,10 @@ process may hold several trackers at once (a pipeline's parent run and a step's 
         t.log_params(cfg.to_dict())          # nested dicts become dotted keys
         t.log_metrics({"loss": 0.3}, step=10)
         t.log_artifact("samples/")           # a folder lands under "samples/" in the run
+
+An unreachable tracking server fails fast instead of stalling a pipeline: MLflow's HTTP retries are bounded
+(``bound_http_retries``: 2 retries, 1 s backoff, unless the environment sets them), and a tracker checks the server
+first (``check_tracking``: a few ``/health`` probes, then ``TrackingUnavailable`` naming the URI).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ import logging
 import math
 import os
 import posixpath
+import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +43,54 @@ DEFAULT_EXPERIMENT = "easyanimate"
 _PARAMS_PER_BATCH = 100  # log_batch accepts at most 100 params and 1000 metrics per call
 _METRICS_PER_BATCH = 1000
 _STATUSES = {RunStatus.to_string(s) for s in RunStatus.all_status()}
+
+
+# MLflow's defaults retry a refused connection 7 times with backoff 2 (~4 minutes per call); a pipeline step makes
+# dozens of calls. Bounded: a dead server fails a call in a few seconds (a user's explicit setting wins).
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer: the message names its URI (without credentials)."""
+
+
+def bound_http_retries() -> None:
+    """Bound MLflow's HTTP retries for this process (``HTTP_RETRY_DEFAULTS``) unless the environment sets them."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def redact_uri(uri: str) -> str:
+    """``http://user:secret@host`` → ``http://***@host`` (URIs go into messages and logs)."""
+    return re.sub(r"//[^/@]*@", "//***@", str(uri))
+
+
+def check_tracking(tracking_uri: str | None, attempts: int = 3, delay: float = 1.0, timeout: float = 5.0) -> None:
+    """Raise ``TrackingUnavailable`` when an ``http(s)://`` tracking server does not answer ``GET /health`` within
+    ``attempts`` tries ``delay`` s apart (``timeout`` s each); other URIs (sqlite, file, databricks) are not probed."""
+    uri = str(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = re.sub(r"//[^/@]*@", "//", uri).rstrip("/") + "/health"  # credentials go in MLFLOW_TRACKING_* env vars
+    started, error = time.monotonic(), ""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                if resp.status == 200:
+                    return
+                error = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # an authenticating server is up; the client's credentials are MLflow's job
+                return
+            error = f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {getattr(exc, 'reason', None) or exc}"
+        if attempt + 1 < attempts:
+            time.sleep(delay)
+    raise TrackingUnavailable(
+        f"MLflow tracking server {redact_uri(uri)} is unreachable ({attempts} attempts over "
+        f"{time.monotonic() - started:.0f} s; last: {error}); start it or pass the right --tracking-uri")
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -113,8 +168,10 @@ class MlflowTracker:
         tags: dict[str, Any] | None = None,
         end_on_close: bool | None = None,
     ) -> None:
+        bound_http_retries()
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = self.client.tracking_uri
+        check_tracking(self.tracking_uri)
         tags = {str(k): _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
         if run_id is not None:
             run = self.client.get_run(run_id)  # fails early with MLflow's RESOURCE_DOES_NOT_EXIST
@@ -214,10 +271,12 @@ class MlflowTracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("KILLED")
-        else:
-            self.close("FAILED")
+            return
+        try:  # mark the run when MLflow still answers; never hide the step's own error behind MLflow's
+            self.close("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        except Exception as close_exc:
+            logger.warning("could not mark MLflow run %s as failed at %s: %s", self.run_id,
+                           redact_uri(self.tracking_uri), close_exc)
 
     def __repr__(self) -> str:
         return f"MlflowTracker(run_id={self.run_id!r}, tracking_uri={self.tracking_uri!r})"
@@ -234,7 +293,9 @@ def end_run(tracking_uri: str | None, run_id: str, status: str = "FINISHED") -> 
     """Terminate a run created by ``start_parent_run`` (status FINISHED, FAILED or KILLED)."""
     if status not in _STATUSES:
         raise ValueError(f"status must be one of {sorted(_STATUSES)}, got {status!r}")
+    bound_http_retries()
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
-__all__ = ["MlflowTracker", "end_run", "flatten_params", "start_parent_run"]
+__all__ = ["HTTP_RETRY_DEFAULTS", "MlflowTracker", "TrackingUnavailable", "bound_http_retries", "check_tracking",
+           "end_run", "flatten_params", "redact_uri", "start_parent_run"]

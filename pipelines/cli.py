@@ -122,6 +122,10 @@ def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: st
         data = str(write_sample_dataset(root / "sample_data"))
     if tracking_uri is None:
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    from components.mlflow_tracker import bound_http_retries, check_tracking
+
+    bound_http_retries()  # the tasks inherit it: an MLflow outage fails a call in seconds, not minutes
+    check_tracking(tracking_uri)  # before any task: an unreachable server fails the run now, naming its URI
     if tracking_uri.startswith("sqlite:"):
         _local_experiment(tracking_uri, params.get("experiment") or "easyanimate", root / "mlartifacts")
     args = pipeline_arguments(data=str(data), preset=preset, overrides=overrides, num_shards=num_shards,
@@ -241,9 +245,15 @@ def run_cmd(
     if not local:
         raise typer.BadParameter("only --local runs here; use `submit --host URL` for a Kubeflow cluster",
                                  param_hint="--local")
-    result = run_local(pipeline_root=pipeline_root, data=data, preset=preset or "tiny", overrides=overrides or [],
-                       num_shards=num_shards or 2, tracking_uri=tracking_uri, train_vae=train_vae, lora=lora,
-                       experiment=mlflow_experiment, model_name=model_name)
+    from components.mlflow_tracker import TrackingUnavailable
+
+    try:
+        result = run_local(pipeline_root=pipeline_root, data=data, preset=preset or "tiny",
+                           overrides=overrides or [], num_shards=num_shards or 2, tracking_uri=tracking_uri,
+                           train_vae=train_vae, lora=lora, experiment=mlflow_experiment, model_name=model_name)
+    except TrackingUnavailable as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     result.pop("tasks")
     typer.echo(json.dumps(result, indent=1, default=str))
 

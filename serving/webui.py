@@ -98,6 +98,19 @@ class ServerInfo:
         return text
 
 
+def _config_or_empty(get: Callable[[], dict]) -> dict:
+    """The model config, or {} when the server restricts it (``serve`` does: it holds server paths); the UI then
+    learns the served model from each answer's METADATA."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return get()
+    except InferenceServerException as exc:
+        if "restricted" in str(exc).lower() or "403" in str(exc) or "permission" in str(exc).lower():
+            return {}
+        raise
+
+
 def server_info(server: str, timeout: float = 5.0) -> ServerInfo:
     """Inputs and config parameters of the served model: gRPC (stream model) first, then HTTP, as ``server`` lists."""
     failures = []
@@ -113,7 +126,8 @@ def server_info(server: str, timeout: float = 5.0) -> ServerInfo:
                 client = grpcclient.InferenceServerClient(address)
                 try:
                     meta = client.get_model_metadata(STREAM_MODEL, as_json=True, client_timeout=timeout)
-                    config = client.get_model_config(STREAM_MODEL, as_json=True, client_timeout=timeout)["config"]
+                    config = _config_or_empty(lambda c=client: c.get_model_config(STREAM_MODEL, as_json=True,
+                                                                                  client_timeout=timeout)["config"])
                 finally:
                     client.close()
             else:
@@ -123,7 +137,7 @@ def server_info(server: str, timeout: float = 5.0) -> ServerInfo:
                                                           network_timeout=timeout)
                 try:
                     meta = client.get_model_metadata(MODEL)
-                    config = client.get_model_config(MODEL)
+                    config = _config_or_empty(lambda c=client: c.get_model_config(MODEL))
                 finally:
                     client.close()
         except Exception as exc:  # not reachable, model missing: try the next address
