@@ -34,6 +34,10 @@ DEFAULT_TRACKING_URI = "http://mlflow.easyanimate.svc.cluster.local:5000"  # inf
 DATA_MOUNT = "/data"  # the data PVC (raw videos) on preprocess tasks
 WORK_MOUNT = "/mnt/work"  # the work PVC (checkpoints, TrainJob exchange) on training tasks; see components/_runtime
 GPU = "nvidia.com/gpu"
+# MLflow credentials of the pipeline's user (infra/k8s/mlflow.yaml runs MLflow with basic auth); optional, so a
+# cluster with an open MLflow (or the platform's auth in front) runs without the Secret
+MLFLOW_AUTH_SECRET = "easyanimate-mlflow-auth"
+MLFLOW_AUTH_ENV = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
 
 # Requests per step (V2 512px DiT on one 80 GB GPU; a cluster admin tunes these). Training requests one GPU; the
 # multi-node case goes through dit_launcher="trainjob" (infra/k8s/trainjob.yaml).
@@ -70,6 +74,8 @@ def _configure(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
     if step in TIMEOUTS_S:
         kubernetes.set_timeout(task, TIMEOUTS_S[step])
     task.set_caching_options(enable_caching=CACHING.get(step, False))
+    kubernetes.use_secret_as_env(task, secret_name=MLFLOW_AUTH_SECRET, secret_key_to_env=MLFLOW_AUTH_ENV,
+                                 optional=True)
     return task.set_display_name(step.replace("_", "-"))
 
 
