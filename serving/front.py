@@ -615,7 +615,8 @@ class Front:
         app = web.Application(client_max_size=self.limits.max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._http)
         # handler_cancellation: a client that hangs up cancels the forwarded request too
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=8190,
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, logger=_HTTP_LOG,
+                                     max_line_size=8190,
                                      max_field_size=8190, max_headers=128, auto_decompress=False,
                                      keepalive_timeout=75)
         await self._runner.setup()
@@ -690,6 +691,8 @@ class Front:
                           f"{self.limits.max_body_bytes}", 413)
         try:
             body = await asyncio.wait_for(request.read(), self.limits.body_timeout_s)
+        except ConnectionError:
+            raise Refused("closed", "the connection closed before the whole body arrived") from None
         except web.HTTPRequestEntityTooLarge:
             raise Refused("body_too_large", f"the body is over the {self.limits.max_body_bytes}-byte limit",
                           413) from None
@@ -903,6 +906,24 @@ class Front:
         pumper.join(timeout=1)
         if refused:
             self._grpc_refuse(context, refused[0])
+
+
+class _QuietRefusals(logging.Filter):
+    """aiohttp logs every malformed request (too long a line, too many headers, a bad Content-Length) at ERROR
+    with a traceback, after answering it 400 itself: those are refusals, logged at DEBUG here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        from aiohttp import http_exceptions
+
+        if isinstance(exc, http_exceptions.HttpProcessingError | ConnectionError):
+            logger.debug("refused a malformed HTTP request: %s", str(exc).splitlines()[0][:200])
+            return False
+        return True
+
+
+_HTTP_LOG = logging.getLogger(__name__ + ".http")
+_HTTP_LOG.addFilter(_QuietRefusals())
 
 
 def aiohttp_errors() -> tuple[type[BaseException], ...]:
