@@ -78,7 +78,9 @@ class Limits:
     Args:
         size_multiple: HEIGHT/WIDTH must be multiples of this (VAE ×8 times the DiT patch 2 = 16 for V2).
         min_size, max_size: inclusive pixel bounds of HEIGHT and WIDTH (V2's UI: up to 1280).
-        frame_multiple: NUM_FRAMES must be 1 or a multiple of this (the VAE's 9-frame chunk).
+        frame_multiple: NUM_FRAMES must be 1 or ``frame_offset`` + a positive multiple of this (the VAE's 9-frame
+            chunk; 8-frame slice of the slice VAE).
+        frame_offset: 0 for V2's chunk VAE (9k frames), 1 for the slice VAE (1 + 8k: the first frame alone).
         max_frames: inclusive upper bound of NUM_FRAMES (V2 trains and samples up to 144).
         max_steps: inclusive upper bound of STEPS (V2's UI slider: 100).
         max_guidance: inclusive upper bound of GUIDANCE (V2's UI slider: 20).
@@ -93,6 +95,7 @@ class Limits:
     max_size: int = 1280
     frame_multiple: int = 9
     max_frames: int = 144
+    frame_offset: int = 0
     max_steps: int = 100
     max_guidance: float = 20.0
     max_prompt_chars: int = 2000
@@ -222,9 +225,10 @@ def _sampler(name: str, text: str) -> str:
 
 def check_request(req: GenerationRequest, limits: Limits) -> GenerationRequest:
     """Range checks of a typed request (also run on a model's defaults at load time); returns it unchanged."""
-    n, m = req.num_frames, limits.frame_multiple
-    if not (n == 1 or (n >= m and n % m == 0 and n <= limits.max_frames)):
-        raise RequestError(f"NUM_FRAMES must be 1 or a multiple of {m} up to {limits.max_frames}, got {n}")
+    n, m, o = req.num_frames, limits.frame_multiple, limits.frame_offset
+    if not (n == 1 or (n >= o + m and (n - o) % m == 0 and n <= limits.max_frames)):
+        rule = f"{o} + {m}k" if o else f"a multiple of {m}"
+        raise RequestError(f"NUM_FRAMES must be 1 or {rule} up to {limits.max_frames}, got {n}")
     for name, size in (("HEIGHT", req.height), ("WIDTH", req.width)):
         if size % limits.size_multiple or not limits.min_size <= size <= limits.max_size:
             raise RequestError(f"{name} must be a multiple of {limits.size_multiple} between {limits.min_size} and "

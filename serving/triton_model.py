@@ -196,13 +196,15 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
     pipe.set_progress_bar_config(disable=True)
 
     m = pipe.size_multiple
-    frame_multiple = pipe.vae.config.mini_batch_encoder
-    top = max_frames - max_frames % frame_multiple
+    frame_offset, frame_multiple = pipe.vae.frame_rule  # the served VAE's rule: (0, 9) V2 chunks, (1, 8) slices
+    top = max_frames - (max_frames - frame_offset) % frame_multiple
     table = pipe.transformer.config.motion_module_kwargs.get("temporal_position_encoding_max_len", 4096)
-    while top >= frame_multiple and pipe.latent_frames(top) > table:
+    while top >= frame_offset + frame_multiple and pipe.latent_frames(top) > table:
         top -= frame_multiple
+    if top < frame_offset + frame_multiple:
+        top = 1
     limits = Limits(size_multiple=m, min_size=m, max_size=max(m, max_size - max_size % m),
-                    frame_multiple=frame_multiple, max_frames=max(top, 1))
+                    frame_multiple=frame_multiple, frame_offset=frame_offset, max_frames=top)
     defaults = merge_defaults(defaults)
     try:
         defaults["sampler"] = canonical_sampler(defaults["sampler"])
@@ -210,6 +212,8 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
     except ValueError as exc:
         raise ValueError(f"the generate defaults of {info['source']} do not fit what it serves: {exc}") from None
     info["device"] = str(device)
+    # clients (the web UI) learn the served frame rule from each answer: NUM_FRAMES = 1 or offset + step * k
+    info["frame_rule"] = {"offset": frame_offset, "step": frame_multiple, "max_frames": top}
     if lora_dir and not Path(lora_dir).is_dir():
         raise ValueError(f"lora_dir {lora_dir!r} is not a folder")
     return LoadedModel(pipe=pipe, limits=limits, defaults=defaults, info=info,

@@ -3,7 +3,8 @@
 ``build_ui(server)`` returns the ``gr.Blocks``; ``launch(server)`` serves it (loopback by default). The page has
 V2's controls: edition, pretrained model (registered MLflow versions and aliases, or a local folder) + refresh, LoRA
 + "LoRA alpha", prompt, negative prompt (V2's), sampler (Euler), steps (50), width/height (step 16), "Generate image"
-(one frame, PNG) or animation length (9k frames), CFG (7.0), seed (43) with a dice button. Generate sends one request
+(one frame, PNG) or animation length (9k frames; the ``v3`` edition, a slice-VAE model: 1 + 8k frames), CFG (7.0),
+seed (43) with a dice button. Generate sends one request
 over the decoupled ``easyanimate_stream`` gRPC stream: each PROGRESS message (one per denoising step) moves the
 ``gr.Progress`` bar, then the video (or image) shows. Without a gRPC address the request goes over HTTP (no per-step
 progress). Each result is saved as ``<samples_dir>/<YYYY-MM-DD>/NNN.mp4|png`` and its parameters appended to
@@ -59,7 +60,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_LORA_DIR = "models/Personalized_Model"  # where V2's UI looks for LoRA / DreamBooth .safetensors
 V2_DEFAULTS = {"sampler": "Euler", "steps": 50, "width": 672, "height": 384, "num_frames": 144, "guidance": 7.0,
                "seed": 43, "lora_alpha": 0.55, "fps": 24}
-EDITIONS = {"v2": "v2 (EasyAnimateV2, 9k frames, 16-pixel sizes)"}
+EDITIONS = {"v2": "v2 (EasyAnimateV2, 9k frames, 16-pixel sizes)",
+            "v3": "v3 (slice VAE: the first frame alone + 8-frame slices, 1 + 8k frames, 16-pixel sizes)"}
+# the animation-length slider per edition, as the served VAE's frame rule: (minimum, maximum, step)
+LENGTH_SLIDERS = {"v2": (9, 144, 9), "v3": (9, 145, 8)}
+
+
+def length_slider(edition: str, served: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Slider settings (minimum, maximum, step, value) for an edition; a served ``frame_rule`` (each answer's
+    METADATA ``model.frame_rule``: ``offset + step * k`` up to ``max_frames``) wins over the edition's table."""
+    lo, hi, step = LENGTH_SLIDERS.get(edition, LENGTH_SLIDERS["v2"])
+    if served and served.get("step"):
+        step = int(served["step"])
+        lo = int(served.get("offset", 0)) + step
+        hi = max(lo, int(served.get("max_frames") or hi))
+    return {"minimum": lo, "maximum": hi, "step": step, "value": hi}
 NO_LORA = "none"
 SERVED = "(as served)"
 MAX_SEED_UI = 10**8  # V2's dice: random.randint(1, 1e8)
@@ -444,6 +459,8 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
         refresh.click(on_refresh, outputs=[model, lora, served, lora_info, gallery], queue=False)
         dice.click(lambda: random.randint(1, MAX_SEED_UI), outputs=seed, queue=False)
         is_image.change(lambda img: gr.update(interactive=not img), inputs=is_image, outputs=length, queue=False)
+        # the slider follows the edition's frame rule (v2: 9k; v3 slice VAE: 1 + 8k); the server still checks
+        edition.change(lambda ed: gr.update(**length_slider(ed)), inputs=edition, outputs=length, queue=False)
 
         def on_generate(edition_v, model_v, lora_v, alpha_v, prompt_v, negative_v, sampler_v, steps_v, width_v,
                         height_v, is_image_v, length_v, cfg_v, seed_v, progress=gr.Progress()):

@@ -206,3 +206,20 @@ def test_causal_cache_trains_through_the_cache():
     assert first is not None and first.abs().sum() > 0
     # the caches are cleared after every call (nothing is kept between clips)
     assert all(getattr(m, "temporal_cache", None) is None for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------ serving follows the rule
+def test_serving_limits_follow_the_slice_rule():
+    from serving.request import GenerationRequest, Limits, RequestError, check_request, v2_defaults
+
+    def req(n):
+        return GenerationRequest(**{**v2_defaults(), "prompt": "a", "num_frames": n, "height": 64, "width": 64})
+
+    limits = Limits(frame_multiple=8, frame_offset=1, max_frames=145)
+    for n in (1, 9, 17, 145):
+        check_request(req(n), limits)
+    for n in (8, 16, 18, 144, 153):
+        with pytest.raises(RequestError, match=rf"^NUM_FRAMES must be 1 or 1 \+ 8k up to 145, got {n}$"):
+            check_request(req(n), limits)
+    with pytest.raises(RequestError, match=r"^NUM_FRAMES must be 1 or a multiple of 9 up to 144, got 17$"):
+        check_request(req(17), Limits())
