@@ -256,8 +256,9 @@ def check_eval_config(cfg: Config) -> None:
     e = cfg.evaluate
     if not e.prompts:
         raise ValueError("evaluate.prompts is empty: expected at least one prompt for the generated-sample metrics")
-    if e.num_frames != 1 and (e.num_frames < 9 or e.num_frames % 9):
-        raise ValueError(f"evaluate.num_frames must be 1 or a multiple of 9, got {e.num_frames}")
+    n = e.num_frames  # the model's VAE decides which of the two layouts applies (checked again by the pipeline)
+    if n != 1 and (n < 9 or (n % 9 and (n - 1) % 8)):
+        raise ValueError(f"evaluate.num_frames must be 1, a multiple of 9 (V2 VAE) or 1 + 8k (slice VAE), got {n}")
     bad = [t for t in e.validation_timesteps if not 0 <= t < cfg.train.num_train_timesteps]
     if bad or not e.validation_timesteps:
         raise ValueError(f"evaluate.validation_timesteps must be a non-empty list in [0, "
@@ -280,14 +281,16 @@ def load_pipeline(cfg: Config, model: str | Path, device: torch.device):
     return pipe.to(device)
 
 
-def held_out_clips(cfg: Config, data: str | Path | None) -> list[dict[str, Any]]:
+def held_out_clips(cfg: Config, data: str | Path | None, frame_rule: tuple[int, int] | None = None
+                   ) -> list[dict[str, Any]]:
     """The validation split of ``data`` (as the trainers hold it out), at most ``evaluate.max_clips`` samples
-    (``{"pixel_values": (3, F, H, W) in [-1, 1], "text", "type", …}``), loaded once. Empty without data."""
-    from .data.dataset import load_train_validation
+    (``{"pixel_values": (3, F, H, W) in [-1, 1], "text", "type", …}``), loaded once. Empty without data.
+    ``frame_rule``: the model VAE's clip-length rule (``vae.frame_rule``; 1 + 8k frames for a slice VAE)."""
+    from .data.dataset import load_train_validation, with_frame_rule
 
     if data is None and not cfg.data.meta:
         return []
-    _, val_ds = load_train_validation(cfg.data, data)
+    _, val_ds = load_train_validation(with_frame_rule(cfg.data, frame_rule) if frame_rule else cfg.data, data)
     if val_ds is None:
         logger.warning("no held-out clips in %s (data.validation_count=%d): reconstruction and validation-loss "
                        "metrics are skipped", data or cfg.data.meta, cfg.data.validation_count)
@@ -414,7 +417,7 @@ def evaluate(cfg: Config, model: str | Path, data: str | Path | None, output: st
     pipe = load_pipeline(cfg, model, device)
 
     # 2. held-out clips
-    clips = held_out_clips(cfg, data)
+    clips = held_out_clips(cfg, data, pipe.vae.frame_rule)
     metrics: dict[str, float] = {"num_clips": float(len(clips)), "num_samples": float(len(e.prompts))}
 
     if clips:
