@@ -197,7 +197,8 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
 
     m = pipe.size_multiple
     frame_offset, frame_multiple = pipe.vae.frame_rule  # the served VAE's rule: (0, 9) V2 chunks, (1, 8) slices
-    top = max_frames - (max_frames - frame_offset) % frame_multiple
+    bound = max_frames + frame_offset  # the slice VAE's lone first frame on top of V2's 144: 145 = 1 + 8 * 18
+    top = bound - (bound - frame_offset) % frame_multiple
     table = pipe.transformer.config.motion_module_kwargs.get("temporal_position_encoding_max_len", 4096)
     while top >= frame_offset + frame_multiple and pipe.latent_frames(top) > table:
         top -= frame_multiple
