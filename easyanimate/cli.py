@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -271,6 +272,22 @@ def _echo_rank0(summary: dict) -> None:
 
 
 ResumeOpt = typer.Option(None, "--resume", help="'latest' or a checkpoint folder to resume from")
+TRACEBACK_ENV = "EASYANIMATE_TRACEBACK"  # set to 1 to see the traceback of a refused input
+
+
+def _refuse(exc: Exception, data: Path) -> None:
+    """A bad input (data file, config, checkpoint) as one line on stderr and exit code 2, naming the file."""
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        raise exc
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        message = f"{data}: not valid JSON ({exc})"
+    elif isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in message:
+        message = f"{exc.filename}: {exc.strerror or message}"
+    elif "dataset" in message and str(data) not in message:
+        message = f"--data {data}: {message}"
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(2) from None
 
 
 @app.command("train-vae")
@@ -284,7 +301,12 @@ def train_vae_cmd(
     """Train (or fine-tune) the MagViT VAE; writes a VAE folder to OUTPUT/final."""
     from .train.vae import train_vae
 
-    _echo_rank0(train_vae(_config(preset, overrides), data, output, resume=resume))
+    cfg = _config(preset, overrides)
+    try:
+        summary = train_vae(cfg, data, output, resume=resume)
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad data/config/checkpoint: one line, exit 2
+        _refuse(exc, data)
+    _echo_rank0(summary)
 
 
 @app.command("train-dit")
@@ -299,7 +321,12 @@ def train_dit_cmd(
     """Train the DiT (full or LoRA); writes a pipeline folder (or lora.safetensors) to OUTPUT/final."""
     from .train.dit import train_dit
 
-    _echo_rank0(train_dit(_config(preset, overrides), data, output, resume=resume, lora=lora))
+    cfg = _config(preset, overrides)
+    try:
+        summary = train_dit(cfg, data, output, resume=resume, lora=lora)
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # bad data/config/checkpoint: one line, exit 2
+        _refuse(exc, data)
+    _echo_rank0(summary)
 
 
 @app.command("evaluate")

@@ -120,3 +120,30 @@ def test_train_dit_resumes_past_a_truncated_checkpoint_without_duplicate_metrics
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3], steps  # step 2 of the first run was dropped, then logged again
+
+
+def test_cli_refusals_are_one_line_naming_the_file(tmp_path, capsys):
+    """What train-dit/train-vae print for a bad input: one ``error:`` line naming the file, exit code 2."""
+    import typer
+
+    from easyanimate.cli import _refuse
+
+    bad = tmp_path / "meta.json"
+    bad.write_text("[{not json")
+    cases = []
+    try:
+        json.loads(bad.read_text())
+    except ValueError as exc:
+        cases.append((exc, f"error: {bad}: not valid JSON (Expecting property name"))
+    cases.append((FileNotFoundError(2, "No such file or directory", str(tmp_path / "x.json")),
+                  f"error: [Errno 2] No such file or directory: '{tmp_path / 'x.json'}'"))
+    cases.append((ValueError("the dataset is empty\n(no readable entries)"),
+                  f"error: --data {bad}: the dataset is empty (no readable entries)"))
+    cases.append((ValueError("--resume latest: no intact checkpoint under /r/checkpoints (checkpoint-2: file x)"),
+                  "error: --resume latest: no intact checkpoint under /r/checkpoints"))
+    for exc, expected in cases:
+        with pytest.raises(typer.Exit) as info:
+            _refuse(exc, bad)
+        assert info.value.exit_code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(expected), err
