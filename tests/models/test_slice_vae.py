@@ -223,3 +223,25 @@ def test_serving_limits_follow_the_slice_rule():
             check_request(req(n), limits)
     with pytest.raises(RequestError, match=r"^NUM_FRAMES must be 1 or a multiple of 9 up to 144, got 17$"):
         check_request(req(17), Limits())
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def test_slice_presets_generate_1_plus_8k_frames():
+    from easyanimate.config import load_config
+    from easyanimate.pipeline import build_pipeline
+
+    v3 = load_config("v3_slice_512")
+    assert v3.model.vae.slice_compression_vae and (v3.model.vae.mini_batch_encoder, v3.model.vae.mini_batch_decoder) \
+        == (8, 2)
+    assert v3.model.transformer == load_config("v2_512").model.transformer  # the V2 DiT, as the official v3 config
+    assert v3.generate.num_frames == 145 and not v3.generate.smooth_decode
+
+    cfg = load_config("tiny_slice")
+    assert cfg.generate.num_frames == 17
+    pipe = build_pipeline(cfg.model)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red ball", num_frames=9, height=32, width=32, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="pt").videos
+    assert out.shape == (1, 3, 9, 32, 32) and pipe.latent_frames(17) == 5 and pipe.latent_frames(145) == 37
+    with pytest.raises(ValueError, match=r"num_frames must be 1 or 1 \+ 8k .*got 18"):
+        pipe("a red ball", num_frames=18, height=32, width=32, num_inference_steps=2)
