@@ -112,7 +112,8 @@ def train_pipeline(
 ):
     """Args:
         data: folder (or list file) of raw videos/images with their captions (on a cluster: under the data PVC).
-        preset: config preset (tiny, v2_512, v2_768) or a YAML path inside the image.
+        preset: config preset (tiny, tiny_slice, v2_512, v2_768, v3_slice_512) or a YAML path inside the image; its
+            ``model.vae`` decides the VAE layout every step uses (V2 9-frame chunks, or the slice VAE's 1 + 8k).
         overrides: JSON list of ``section.key=value`` applied to the preset in every step.
         num_shards: preprocess fan-out width.
         train_vae: train the VAE first and train the DiT on it.
