@@ -338,6 +338,8 @@ def check_http_infer(specs: Mapping[str, ModelSpec], model: str, version: str, b
         else:
             if "data" not in item:
                 raise Refused("data", f"input {ispec.name!r}: no data (and no binary_data_size)")
+            if not isinstance(item["data"], list):
+                raise Refused("data", f"input {ispec.name!r}: data must be a list, got {_short(item['data'])}")
             values = _flatten(item["data"])
             if len(values) != count:
                 raise Refused("data", f"input {ispec.name!r}: shape {item['shape']} holds {count} element(s), "

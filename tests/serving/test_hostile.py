@@ -176,6 +176,9 @@ HTTP_CRASHERS = {
         "input 'HEIGHT': shape must be [1], got [4294967296]"),
     "gzip bomb": (gzip.compress(b"0" * (64 << 20)), {"Content-Encoding": "gzip"}, 415,
                   "Content-Encoding 'gzip' is not accepted"),
+    # not a crash, a 500 from tritonserver (the fuzzer through the front, seed 17): now a 400 naming the input
+    "scalar data": (_json_case(lambda r: r["inputs"][1].update(data=7)), {}, 400,
+                    "input 'SEED': data must be a list, got 7"),
 }
 GRPC_CRASHERS = {
     "classification output": ("ModelInfer", _grpc_case(_classification), "'classification' is not accepted"),
