@@ -176,6 +176,20 @@ def serve(
                                          "requests may name in LORA (default: LoRA disabled)"),
     max_restarts: int = typer.Option(5, "--max-restarts", help="restart a tritonserver that dies this many times "
                                      "(back-off 1, 2, 4, 8, 16 s) before giving up"),
+    max_cost: int | None = typer.Option(None, "--max-cost", help="work budget per request in frames*height*width*steps "
+                                        "(x2 with CFG); more is refused at once (default: the version's, else 4x the "
+                                        "default request on CPU, one 144x768x768 request on GPU)"),
+    deadline: float | None = typer.Option(None, "--deadline", help="seconds a request may compute before it stops at "
+                                          "the next step (default: the version's, else 600 CPU / 1800 GPU)"),
+    max_queue: int | None = typer.Option(None, "--max-queue", help="requests that may wait for an instance; more are "
+                                         "refused at once with 503/UNAVAILABLE (default 8)"),
+    queue_timeout: float | None = typer.Option(None, "--queue-timeout", help="seconds a request may wait for an "
+                                               "instance before it is refused (default 120)"),
+    stall_timeout: float = typer.Option(900.0, "--stall-timeout", help="seconds without a finished denoising step "
+                                        "after which a busy instance is wedged: readiness fails, it is reloaded "
+                                        "(0 = off)"),
+    exit_timeout: int = typer.Option(30, "--exit-timeout", help="seconds a stop may take before the processes are "
+                                     "killed (in-flight generations stop at their next step at once)"),
 ) -> None:
     """Serve the model with the bundled tritonserver (KServe v2 HTTP + gRPC) until Ctrl-C / SIGTERM."""
     import signal
@@ -188,15 +202,19 @@ def serve(
                               tracking_uri=tracking_uri,
                               watch_alias=watch_alias, poll_interval=poll_interval,
                               parameters={"device": device, "dtype": dtype}, instance_count=instances, log=log,
-                              lora_dir=lora_dir)
+                              lora_dir=lora_dir, max_cost=max_cost, deadline_s=deadline, max_queue=max_queue,
+                              queue_timeout=queue_timeout, stall_timeout=stall_timeout, exit_timeout=exit_timeout)
         server = Endpoint(server, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           max_restarts=max_restarts)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from exc
 
     def _terminate(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the stop itself
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    signal.signal(signal.SIGINT, _terminate)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         server.start()
@@ -209,10 +227,12 @@ def serve(
     except TritonLaunchError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("stopping tritonserver", err=True)
+    except KeyboardInterrupt as exc:
+        typer.echo(f"{exc or 'SIGINT'}: stopping tritonserver (in-flight generations stop at their next step; "
+                   f"killed after {exit_timeout} s)", err=True)
     finally:
         server.stop()
+        typer.echo("stopped", err=True)
 
 
 @app.command()

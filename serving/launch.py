@@ -102,9 +102,38 @@ def set_instance_count(text: str, count: int) -> str:
     return new
 
 
+def set_instance_kind(text: str, kind: str) -> str:
+    """Replace the ``kind`` of the (single) instance_group (``KIND_CPU`` | ``KIND_GPU``: one group of ``count``
+    instances on every visible GPU)."""
+    if kind not in ("KIND_CPU", "KIND_GPU"):
+        raise ValueError(f"instance kind must be KIND_CPU or KIND_GPU, got {kind!r}")
+    new, n = re.subn(r"(instance_group\s*\[\s*\{[^}]*?kind:\s*)KIND_\w+", lambda m: f"{m.group(1)}{kind}", text)
+    if n != 1:
+        raise ValueError("expected exactly one instance_group with a kind in config.pbtxt")
+    return new
+
+
+def set_queue_policy(text: str, max_queue_size: int | None = None, queue_timeout: float | None = None) -> str:
+    """Set ``max_queue_size`` (requests waiting for an instance; more are refused at once with UNAVAILABLE) and
+    ``default_timeout_microseconds`` (seconds → µs a request may wait; then refused) of the default queue policy."""
+    for key, value in (("max_queue_size", max_queue_size),
+                       ("default_timeout_microseconds", None if queue_timeout is None else round(queue_timeout * 1e6))):
+        if value is None:
+            continue
+        if int(value) < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+        text, n = re.subn(r"(default_queue_policy\s*\{[^}]*?" + key + r":\s*)\d+", lambda m, v=int(value):
+                          f"{m.group(1)}{v}", text)
+        if n != 1:
+            raise ValueError(f"expected one default_queue_policy with {key} in config.pbtxt")
+    return text
+
+
 def stage_repository(target: Path, models: Sequence[str], params: Mapping[str, Any], instance_count: int | None = None,
-                     source: Path = REPOSITORY) -> Path:
-    """Copy ``models`` of ``source`` into ``target`` with their config.pbtxt parameters set → ``target``."""
+                     source: Path = REPOSITORY, *, instance_kind: str | None = None, max_queue_size: int | None = None,
+                     queue_timeout: float | None = None) -> Path:
+    """Copy ``models`` of ``source`` into ``target`` with their config.pbtxt parameters, instance group and queue
+    policy set → ``target``."""
     target.mkdir(parents=True, exist_ok=True)
     for name in models:
         if not (source / name / "config.pbtxt").is_file():
@@ -114,6 +143,9 @@ def stage_repository(target: Path, models: Sequence[str], params: Mapping[str, A
         text = set_config_parameters(config.read_text(), params)
         if instance_count is not None:
             text = set_instance_count(text, instance_count)
+        if instance_kind is not None:
+            text = set_instance_kind(text, instance_kind)
+        text = set_queue_policy(text, max_queue_size, queue_timeout)
         config.write_text(text)
     return target
 
@@ -152,6 +184,45 @@ def _proc_children(ppid: int) -> list[tuple[int, list[str]]]:
     return out
 
 
+_PR_SET_PDEATHSIG = 1
+try:  # resolved before any fork: the child only calls it
+    import ctypes
+
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it dies (``PR_SET_PDEATHSIG``); if the
+    parent is already gone between fork and prctl, the child exits at once."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def _parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text → ``{(name, sorted label pairs): value}`` (comments and malformed lines skipped)."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)", line)
+        if not m:
+            continue
+        labels = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or "")))
+        try:
+            out[(m[1], labels)] = float(m[3])
+        except ValueError:
+            continue
+    return out
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -184,7 +255,17 @@ class TritonServer:
             None = LoRA disabled (a request naming one gets an error).
         env: extra environment for the server and its stubs (e.g. ``EASYANIMATE_MODEL_CACHE``).
         startup_timeout: seconds to wait for the server and its models to be ready (big models download first).
-        exit_timeout: seconds Triton waits for in-flight requests on stop before we SIGKILL.
+        exit_timeout: seconds ``stop`` gives the server to exit (in-flight generations stop at their next denoising
+            step as soon as ``stop`` begins) before it SIGKILLs the process group.
+        max_cost, deadline_s: admission per request (the ``max_cost`` / ``deadline_s`` model parameters): the work
+            budget in ``frames*height*width*steps`` (x2 with CFG) units and the compute deadline in seconds; None =
+            the served version's defaults, else sized for the device (``serving.request.default_admission``).
+        max_queue, queue_timeout: Triton's queue policy: requests that may wait for an instance (more are refused at
+            once with UNAVAILABLE / 503) and seconds one may wait; None = config.pbtxt's (8, 120 s).
+        stall_timeout: seconds without progress (no denoising step ended) after which a busy instance is wedged:
+            the watcher unloads the model (readiness fails), kills the stuck stub and loads it again. 0 = off;
+            None = the deadline + 60 s when a watcher runs.
+        metrics_host: address of the metrics port (loopback by default, whatever ``host`` is).
         log: None = a log file in the temp folder (its tail is shown on errors), a path, or ``"-"`` = inherit
             this process's stdout/stderr.
         tritonserver, backend_dir: another Triton install (default: ``$EASYANIMATE_TRITONSERVER`` /
@@ -197,7 +278,10 @@ class TritonServer:
                  parameters: Mapping[str, Any] | None = None, instance_count: int | None = None,
                  env: Mapping[str, str] | None = None, startup_timeout: float = 600.0, exit_timeout: int = 30,
                  log: str | os.PathLike | None = None, tritonserver: str | os.PathLike | None = None,
-                 backend_dir: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None):
+                 backend_dir: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None,
+                 max_cost: int | None = None, deadline_s: float | None = None, max_queue: int | None = None,
+                 queue_timeout: float | None = None, stall_timeout: float | None = None,
+                 metrics_host: str = "127.0.0.1"):
         if not models:
             raise ValueError("models must name at least one of " + ", ".join(MODELS))
         self.model = model if model in ("tiny",) or model.startswith("models:/") else str(Path(model).resolve())
@@ -215,6 +299,20 @@ class TritonServer:
                 raise FileNotFoundError(f"--lora-dir {lora_dir} is not a folder")
             self.parameters["lora_dir"] = str(Path(lora_dir).resolve())
         self.lora_dir = self.parameters.get("lora_dir") or None
+        if max_cost is not None and int(max_cost) < 1:
+            raise ValueError(f"max_cost must be >= 1 work unit, got {max_cost}")
+        if deadline_s is not None and not float(deadline_s) > 0:
+            raise ValueError(f"deadline_s must be > 0 seconds, got {deadline_s}")
+        if max_cost:
+            self.parameters["max_cost"] = str(int(max_cost))
+        if deadline_s:
+            self.parameters["deadline_s"] = str(float(deadline_s))
+        self.max_queue, self.queue_timeout = max_queue, queue_timeout
+        self.deadline_s = deadline_s
+        self.stall_timeout = stall_timeout
+        self.metrics_host = metrics_host
+        self.stop_file: Path | None = None
+        self.wedged: list[dict[str, Any]] = []  # instances the watcher found wedged: {"model", "instance", "stalled_s"}
         self.instance_count = instance_count
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
@@ -263,7 +361,18 @@ class TritonServer:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self._local_host}:{self.metrics_port}/metrics"
+        host = _LOOPBACK.get(self.metrics_host, self.metrics_host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.metrics_port}/metrics"
+
+    def metrics(self, timeout: float = 5.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The server's Prometheus metrics (Triton's and ours) → ``{(name, sorted label pairs): value}``."""
+        with urllib.request.urlopen(self.metrics_url, timeout=timeout) as resp:
+            return _parse_metrics(resp.read().decode(errors="replace"))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the series of ``name`` whose labels include ``labels`` (0 when none)."""
+        want = set(labels.items())
+        return sum(v for (n, lab), v in self.metrics().items() if n == name and want <= set(lab))
 
     @property
     def pid(self) -> int | None:
@@ -286,9 +395,14 @@ class TritonServer:
         try:
             backends = self._backend_directory()
             source = self._resolve_source()
+            self.stop_file = self.tmp / "stop"  # its existence tells every instance to stop at the next step
             params = {"model_source": source, "tracking_uri": self.tracking_uri or "",
-                      "model_alias": self.model if self.alias else "", **self.parameters}
-            repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count)
+                      "model_alias": self.model if self.alias else "", "stop_file": str(self.stop_file),
+                      "shm_prefix": self.shm_prefix, **self.parameters}
+            kind = "KIND_GPU" if str(self.parameters.get("device", "")) == "cuda" else None
+            repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count,
+                                    instance_kind=kind, max_queue_size=self.max_queue,
+                                    queue_timeout=self.queue_timeout)
             auto_ports = all(p is None for p in self._ports)
             for attempt in range(3 if auto_ports else 1):
                 self._launch(repo, backends)
@@ -304,7 +418,7 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
-        if self.watch_alias:
+        if self.watch_alias or self.stall_timeout:
             self._watcher = threading.Thread(target=self._watch, name="triton-watch", daemon=True)
             self._watcher.start()
         logger.info("tritonserver %s ready: http %s grpc %s (%s)", self.pid, self.http_url, self.grpc_url, source)
@@ -360,6 +474,7 @@ class TritonServer:
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
         env["EASYANIMATE_PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        env["EASYANIMATE_LAUNCHER_PID"] = str(os.getpid())  # the stubs kill the server if this process dies
         if self.tracking_uri:
             env["MLFLOW_TRACKING_URI"] = self.tracking_uri
         env.pop("PYTHONPATH", None)  # ignored by the isolated stub anyway; keep the server's view honest
@@ -372,7 +487,7 @@ class TritonServer:
             self._binary(), "--model-repository", str(repo), "--backend-directory", str(backends),
             "--disable-auto-complete-config", "--pinned-memory-pool-byte-size=0",
             f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
-            f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.host}",
+            f"--http-address={self.host}", f"--grpc-address={self.host}", f"--metrics-address={self.metrics_host}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models],
             "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout}", "--log-verbose=0",
@@ -386,10 +501,14 @@ class TritonServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = self.log_path.open("ab")
             out = self._log_file
-        # own session: SIGINT from a terminal reaches us, not the server; the stubs share its process group
+        # own session: SIGINT from a terminal reaches us, not the server; the stubs share its process group.
+        # PR_SET_PDEATHSIG: the server dies with us, even after our SIGKILL (its stubs follow it: they watch their
+        # parent). The signal fires when the *thread* that forked exits, so only a start from the main thread sets
+        # it; a start from another thread relies on that thread living as long as the server.
+        preexec = _die_with(os.getpid()) if threading.current_thread() is threading.main_thread() else None
         self.proc = subprocess.Popen(cmd, env=self._environment(), stdout=out,
                                      stderr=subprocess.STDOUT if out else None, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=preexec)
 
     def log_tail(self, lines: int = 40) -> str:
         if self.log_path is None or not self.log_path.is_file():
@@ -445,17 +564,23 @@ class TritonServer:
         return self.proc.wait() if self.proc else 0
 
     def stop(self, timeout: float | None = None) -> None:
-        """SIGINT, wait (``exit_timeout`` + 10 s by default), SIGKILL the process group; remove the SHM segments
-        and the temp folder. Safe to call twice."""
+        """Tell in-flight generations to stop at their next step (the stop file), SIGINT, wait (``exit_timeout`` by
+        default), SIGKILL the process group; remove the SHM segments and the temp folder. Safe to call twice."""
+        if self.proc is not None and self.stop_file is not None:
+            try:
+                self.stop_file.touch()
+            except OSError as exc:
+                logger.warning("could not write the stop file %s: %s", self.stop_file, exc)
         self._stop_watch.set()
         if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(timeout=60)
+            self._watcher.join(timeout=5)  # a load in progress fails when the server stops: no need to wait it out
             self._watcher = None
         if self.proc is not None:
             if self.proc.poll() is None:
                 try:
                     self.proc.send_signal(signal.SIGINT)
-                    self.proc.wait(timeout=self.exit_timeout + 10 if timeout is None else timeout)
+                    # Triton gives up on in-flight requests after exit_timeout and exits within about a second
+                    self.proc.wait(timeout=self.exit_timeout + 3 if timeout is None else timeout)
                 except subprocess.TimeoutExpired:
                     logger.warning("tritonserver %s did not stop in time: SIGKILL", self.proc.pid)
             self._kill()
@@ -571,6 +696,7 @@ class TritonServer:
                     self._failed_version = version
         if not self.is_live():
             return
+        self.check_wedged()
         expected = self.instance_count or 1
         for model in self.models:
             ready = self.is_ready(model)
@@ -584,6 +710,70 @@ class TritonServer:
             except Exception as exc:
                 self._record(model, reason, self.served_version, False, str(exc))
 
+    def check_wedged(self) -> list[dict[str, Any]]:
+        """Find instances that are generating but made no progress for ``stall_timeout`` s (our metrics
+        ``easyanimate_inflight`` and ``easyanimate_last_progress_timestamp_seconds``) and recover each model: unload
+        it (readiness fails from that moment), SIGKILL the stuck stub so the unload can finish, load it again.
+        Returns what it found."""
+        if not self.stall_timeout or self.proc is None:
+            return []
+        try:
+            metrics = self.metrics()
+        except OSError:
+            return []
+        now, found = time.time(), []
+        for (name, labels), value in metrics.items():
+            if name != "easyanimate_inflight" or value < 1:
+                continue
+            last = metrics.get(("easyanimate_last_progress_timestamp_seconds", labels))
+            if last is None or now - last < self.stall_timeout:
+                continue
+            lab = dict(labels)
+            found.append({"model": lab.get("model", ""), "instance": lab.get("instance", ""),
+                          "stalled_s": round(now - last, 1), "time": now})
+        for item in found:
+            logger.error("instance %s of %s made no progress for %.0f s (stall timeout %g s): wedged, reloading",
+                         item["instance"], item["model"], item["stalled_s"], self.stall_timeout)
+            self.wedged.append(item)
+            self._recover_wedged(item["model"], item["instance"])
+        return found
+
+    def _recover_wedged(self, model: str, instance: str) -> None:
+        try:
+            config = self.model_config(model)  # while it is loaded: the reload uses the same config
+        except (OSError, TritonLaunchError) as exc:
+            self._record(model, f"instance {instance} wedged", self.served_version, False, str(exc))
+            return
+        unloading = threading.Thread(target=self._request, args=("POST", f"/v2/repository/models/{model}/unload", {}),
+                                     kwargs={"timeout": 60}, daemon=True)
+        def kill(pids):
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        old = set(self.stub_pids(model))
+        with self._lock:
+            unloading.start()  # the model is not ready from here on
+            time.sleep(0.5)
+            kill(pid for pid, argv in _proc_children(self.proc.pid)
+                 if argv and argv[0].endswith("triton_python_backend_stub") and instance in argv)
+            unloading.join(timeout=10)
+            # the Python backend may never answer the wedged instance's request; the unload then waits for it and
+            # the model's other old instances stay: stop them too (their requests fail; the model is reloading)
+            kill(old & set(self.stub_pids(model)))
+            unloading.join(timeout=50)
+            status, body = self._request("POST", f"/v2/repository/models/{model}/load",
+                                         {"parameters": {"config": json.dumps(config)}}, timeout=self.startup_timeout)
+            kill(old & set(self.stub_pids(model)))
+        try:
+            if status != 200:
+                raise TritonLaunchError(f"loading {model} failed: HTTP {status}: {body}")
+            self._record(model, f"instance {instance} wedged", self.served_version, True)
+        except Exception as exc:
+            self._record(model, f"instance {instance} wedged", self.served_version, False, str(exc))
+
     def _watch(self) -> None:
         while not self._stop_watch.wait(self.poll_interval):
             try:
@@ -593,4 +783,4 @@ class TritonServer:
 
 
 __all__ = ["MODELS", "REPOSITORY", "TritonLaunchError", "TritonServer", "bundled_tritonserver", "free_port",
-           "set_config_parameters", "set_instance_count", "stage_repository"]
+           "set_config_parameters", "set_instance_count", "set_instance_kind", "set_queue_policy", "stage_repository"]

@@ -333,6 +333,82 @@ def parse_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any] | None 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# admission: a work budget per request and a deadline, so one request cannot take the whole service
+
+CPU_BUDGET_FACTOR = 4  # CPU: a few times the served model's default request
+GPU_BUDGET_SHAPE = (144, 768, 768)  # GPU: one 144-frame 768 x 768 request at the default steps, with CFG
+DEFAULT_DEADLINE_S = {"cpu": 600.0, "cuda": 1800.0}
+
+
+class OverBudget(RequestError):
+    """A request whose cost (frames x height x width x steps, x2 with CFG) exceeds the deployment's work budget."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What one request may cost and how long it may run.
+
+    Args:
+        max_cost: the work budget in ``request_cost`` units (frames x height x width x steps, x2 with guidance > 1);
+            a request above it is refused before any work.
+        deadline_s: seconds a request may compute (from the start of its generation); past it, generation stops at
+            the next denoising step and the request fails. The time waiting in Triton's queue is bounded apart, by
+            the queue policy's timeout.
+    """
+
+    max_cost: int
+    deadline_s: float
+
+    def __post_init__(self):
+        if self.max_cost < 1:
+            raise ValueError(f"max_cost must be >= 1, got {self.max_cost}")
+        if not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
+            raise ValueError(f"deadline_s must be a positive number of seconds, got {self.deadline_s!r}")
+
+
+def request_cost(num_frames: int, height: int, width: int, steps: int, guidance: float) -> int:
+    """Work units of one request: frames x height x width x steps, x2 when guidance > 1 (classifier-free guidance
+    runs the transformer on a doubled batch, as the pipeline does)."""
+    return int(num_frames) * int(height) * int(width) * int(steps) * (2 if guidance > 1.0 else 1)
+
+
+def _cost_of(req: GenerationRequest | Mapping[str, Any]) -> int:
+    get = (lambda k: getattr(req, k)) if isinstance(req, GenerationRequest) else req.__getitem__
+    return request_cost(get("num_frames"), get("height"), get("width"), get("steps"), get("guidance"))
+
+
+def default_admission(defaults: Mapping[str, Any], device: str = "cpu", max_cost: int | None = None,
+                      deadline_s: float | None = None) -> Admission:
+    """The admission of a deployment: explicit values (``serve --max-cost/--deadline``) first, then the registered
+    version's defaults (keys ``max_cost`` / ``deadline_s`` next to its generate defaults), then the hardware's:
+    CPU ``CPU_BUDGET_FACTOR`` x the default request's cost, GPU at least one ``GPU_BUDGET_SHAPE`` request at the
+    default steps with CFG; deadline ``DEFAULT_DEADLINE_S`` of the device kind."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    resolved = merge_defaults(defaults)
+    if not max_cost:
+        max_cost = int(defaults.get("max_cost") or 0) or None
+    if not max_cost:
+        max_cost = CPU_BUDGET_FACTOR * _cost_of(resolved)
+        if kind == "cuda":
+            frames, height, width = GPU_BUDGET_SHAPE
+            max_cost = max(max_cost, request_cost(frames, height, width, resolved["steps"], 2.0))
+    if not deadline_s:
+        deadline_s = float(defaults.get("deadline_s") or 0) or DEFAULT_DEADLINE_S[kind]
+    return Admission(max_cost=int(max_cost), deadline_s=float(deadline_s))
+
+
+def check_budget(req: GenerationRequest, admission: Admission) -> int:
+    """The request's cost, or ``OverBudget`` naming the cost, how it was counted and the budget."""
+    cost = _cost_of(req)
+    if cost > admission.max_cost:
+        cfg = " x 2 (CFG, GUIDANCE > 1)" if req.guidance > 1.0 else ""
+        raise OverBudget(
+            f"request cost {cost:,} ({req.num_frames} frames x {req.height} x {req.width} x {req.steps} steps{cfg}) "
+            f"exceeds this server's work budget of {admission.max_cost:,}: lower NUM_FRAMES, HEIGHT, WIDTH or STEPS")
+    return cost
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the client side of the schema
 
 
@@ -361,6 +437,7 @@ def numpy_dtype(datatype: str):
     return {"BYTES": np.object_, "INT64": np.int64, "FP32": np.float32}[datatype]
 
 
-__all__ = ["DEFAULT_LORA_ALPHA", "GenerationRequest", "INPUTS", "Limits", "MAX_SEED", "OUTPUTS", "REQUIRED",
-           "RequestError", "STREAM_OUTPUTS", "check_lora_name", "check_request", "merge_defaults", "numpy_dtype",
-           "parse_request", "resolve_lora", "to_inputs", "v2_defaults"]
+__all__ = ["Admission", "DEFAULT_LORA_ALPHA", "GenerationRequest", "INPUTS", "Limits", "MAX_SEED", "OUTPUTS",
+           "OverBudget", "REQUIRED", "RequestError", "STREAM_OUTPUTS", "check_budget", "check_lora_name",
+           "check_request", "default_admission", "merge_defaults", "numpy_dtype", "parse_request", "request_cost",
+           "resolve_lora", "to_inputs", "v2_defaults"]

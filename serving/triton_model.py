@@ -21,6 +21,11 @@ max_size         largest HEIGHT/WIDTH accepted (default 1280)
 max_frames       largest NUM_FRAMES accepted (default 144; lowered to what the motion module's table allows)
 lora_dir         folder of official-format LoRA ``.safetensors`` a request may name in ``LORA`` (by file name only);
                  empty = LoRA disabled (a request naming one gets an error)
+max_cost         work budget per request (``frames*height*width*steps``, x2 with CFG); empty = the version's
+                 ``max_cost`` default, else sized for the device (``serving.request.default_admission``)
+deadline_s       seconds a request may compute before it is stopped at the next step; empty = version's/device's
+stop_file        set by the launcher: once this file exists every generation stops at its next denoising step
+shm_prefix       set by the launcher: the server's ``/dev/shm`` regions, removed by a stub whose server died
 ================ ======================================================================================================
 
 A request's LoRA is merged into the transformer for that request only (the whole file is checked first; the exact
@@ -49,10 +54,14 @@ from typing import Any
 import numpy as np
 
 from .request import (
+    Admission,
     GenerationRequest,
     Limits,
+    OverBudget,
     RequestError,
+    check_budget,
     check_request,
+    default_admission,
     merge_defaults,
     parse_request,
     resolve_lora,
@@ -70,7 +79,13 @@ _HASH_LIMIT = 2 << 30  # hash local folders up to 2 GiB at load; bigger ones (th
 
 
 class Cancelled(Exception):
-    """The client went away (or cancelled) while the request was being generated."""
+    """Generation stopped at a denoising step: the client went away or cancelled, the request's deadline passed, or
+    the server is stopping (``reason``: ``cancelled`` | ``deadline`` | ``shutdown``)."""
+
+    def __init__(self, message: str, reason: str = "cancelled", step: int = 0):
+        super().__init__(message)
+        self.reason = reason
+        self.step = step
 
 
 @dataclass
@@ -83,6 +98,7 @@ class LoadedModel:
     info: dict[str, Any]  # name, version, source, alias, weights_sha256
     load_seconds: float
     lora_dir: str = ""  # the folder LORA names are resolved in; "" = LoRA disabled
+    admission: Admission | None = None  # work budget + deadline (None = unlimited, in-process callers)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one generation (and LoRA) at a time
 
 
@@ -146,7 +162,8 @@ def _registered(source: str, tracking_uri: str | None) -> tuple[Path, dict[str, 
 
 
 def load_model(source: str, tracking_uri: str | None = None, device: str = "auto", dtype: str = "",
-               max_size: int = 1280, max_frames: int = 144, alias_uri: str = "", lora_dir: str = "") -> LoadedModel:
+               max_size: int = 1280, max_frames: int = 144, alias_uri: str = "", lora_dir: str = "",
+               max_cost: int | None = None, deadline_s: float | None = None) -> LoadedModel:
     """Load the pipeline a model source names.
 
     Args:
@@ -159,6 +176,8 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
         max_size, max_frames: upper bounds of HEIGHT/WIDTH and NUM_FRAMES.
         alias_uri: the ``models:/NAME@ALIAS`` a pinned version was resolved from (recorded in ``info``).
         lora_dir: folder of LoRA ``.safetensors`` requests may name (empty = LoRA disabled).
+        max_cost, deadline_s: the admission (``serving.request.default_admission``): None/0 = the version's
+            ``max_cost`` / ``deadline_s`` defaults, else sized for the device.
     """
     import torch
 
@@ -195,6 +214,7 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
 
+    raw_defaults = dict(defaults)
     m = pipe.size_multiple
     frame_offset, frame_multiple = pipe.vae.frame_rule  # the served VAE's rule: (0, 9) V2 chunks, (1, 8) slices
     bound = max_frames + frame_offset  # the slice VAE's lone first frame on top of V2's 144: 145 = 1 + 8 * 18
@@ -217,18 +237,20 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
     info["frame_rule"] = {"offset": frame_offset, "step": frame_multiple, "max_frames": top}
     if lora_dir and not Path(lora_dir).is_dir():
         raise ValueError(f"lora_dir {lora_dir!r} is not a folder")
+    admission = default_admission(raw_defaults, str(device), max_cost=max_cost, deadline_s=deadline_s)
     return LoadedModel(pipe=pipe, limits=limits, defaults=defaults, info=info,
                        load_seconds=round(time.perf_counter() - start, 3),
-                       lora_dir=str(Path(lora_dir).resolve()) if lora_dir else "")
+                       lora_dir=str(Path(lora_dir).resolve()) if lora_dir else "", admission=admission)
 
 
 def generate(model: LoadedModel, req: GenerationRequest,
-             on_step: Callable[[int, int], bool | None] | None = None) -> tuple[bytes, str, dict[str, Any]]:
+             on_step: Callable[[int, int], bool | str | None] | None = None) -> tuple[bytes, str, dict[str, Any]]:
     """One request → ``(media bytes, mime, metadata)``; the same pipeline call as ``easyanimate generate``.
 
-    ``on_step(step, total)`` runs after each denoising step (1-based); returning False stops and raises
-    ``Cancelled``. Metadata: seed, resolved parameters (``lora``, ``lora_alpha`` included), model info, timings (s)
-    of load / encode (text) / denoise (LoRA merge included) / decode (VAE) / encode_media (MP4 or PNG) / total.
+    ``on_step(step, total)`` runs after each denoising step (1-based); returning False (or a reason string:
+    ``cancelled`` | ``deadline`` | ``shutdown``) stops there and raises ``Cancelled``. Metadata: seed, resolved
+    parameters (``lora``, ``lora_alpha`` included), model info, timings (s) of load / encode (text) / denoise (LoRA
+    merge included) / decode (VAE) / encode_media (MP4 or PNG) / total, and ``started_at`` / ``finished_at`` (unix).
 
     ``req.lora`` (a file name in ``model.lora_dir``) is merged with ``req.lora_alpha`` for the denoising only; the
     transformer's exact weights are restored afterwards, whatever happens. A name that is not in the folder, or a
@@ -253,11 +275,15 @@ def generate(model: LoadedModel, req: GenerationRequest,
     stopped = []
 
     def callback(p, i, _t, _kwargs):
-        if on_step is not None and on_step(i + 1, len(p.scheduler.timesteps)) is False:
+        if on_step is None:
+            return
+        verdict = on_step(i + 1, len(p.scheduler.timesteps))
+        if verdict is False or isinstance(verdict, str):
             p.interrupt = True
-            stopped.append(i + 1)
+            stopped.append((i + 1, verdict if isinstance(verdict, str) else "cancelled"))
 
     lora_path = resolve_lora(req.lora, model.lora_dir)  # before any work: a bad name is the request's error
+    started_at = time.time()
     start = time.perf_counter()
     with model.lock, ExitStack() as stack:
         if lora_path is not None:
@@ -280,7 +306,8 @@ def generate(model: LoadedModel, req: GenerationRequest,
         finally:
             del pipe.encode_prompt
     if stopped:
-        raise Cancelled(f"cancelled after step {stopped[0]}")
+        step, reason = stopped[0]
+        raise Cancelled(f"{reason}: stopped after denoising step {step} of {req.steps}", reason, step)
     timings["denoise"] = time.perf_counter() - start - timings["encode"]
     begin = time.perf_counter()
     frames = pipe.decode_latents(latents, generator=generator)  # what output_type="pt" does
@@ -291,7 +318,8 @@ def generate(model: LoadedModel, req: GenerationRequest,
     timings["total"] = time.perf_counter() - start
     mime = "image/png" if suffix == ".png" else "video/mp4"
     metadata = {"seed": req.seed, "mime": mime, "bytes": len(data), "model": dict(model.info),
-                "parameters": req.to_dict(), "timings": {k: round(v, 4) for k, v in timings.items()}}
+                "parameters": req.to_dict(), "timings": {k: round(v, 4) for k, v in timings.items()},
+                "started_at": round(started_at, 4), "finished_at": round(time.time(), 4)}  # unix times
     return data, mime, metadata
 
 
@@ -304,8 +332,130 @@ def _bytes_tensor(name: str, value: bytes | str):
     return pb_utils.Tensor(name, np.array([data], dtype=np.object_))
 
 
+OUTCOMES = ("success", "invalid", "over_budget", "cancelled", "deadline", "shutdown", "failed")
+_STEP_BUCKETS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+_REQUEST_BUCKETS = [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0]
+
+
+class ServingMetrics:
+    """Our per-step and per-request metrics, on Triton's metrics port next to its own (``pb_utils.MetricFamily``;
+    every instance labels its series with ``model`` and ``instance``):
+
+    - ``easyanimate_requests_total{outcome}``: counter, outcome in ``OUTCOMES``;
+    - ``easyanimate_denoise_steps_total``: counter of denoising steps done (stopped requests included);
+    - ``easyanimate_stopped_request_steps_total``: counter of the steps stopped requests had done when they stopped
+      (with ``easyanimate_denoise_steps_total`` read when a client left: how many steps ran after it left);
+    - ``easyanimate_step_seconds``, ``easyanimate_request_seconds``: histograms (a step; a request from the start of
+      its generation to its answer);
+    - ``easyanimate_request_cost_total``: counter of admitted work units (``serving.request.request_cost``);
+    - ``easyanimate_inflight``: gauge, 1 while the instance generates;
+    - ``easyanimate_last_progress_timestamp_seconds``: gauge, unix time of the instance's last sign of progress
+      (a request started, a step ended, a request ended): the launcher calls an instance whose request has not
+      progressed for ``stall_timeout`` wedged.
+    """
+
+    def __init__(self, model: str, instance: str):
+        family = pb_utils.MetricFamily
+        labels = {"model": model, "instance": instance}
+
+        self._families = []  # a family must outlive its metrics: keep them all
+
+        def make(name, description, kind, **kwargs):
+            self._families.append(family(name=name, description=description, kind=kind))
+            return self._families[-1].Metric(labels=labels, **kwargs)
+
+        requests = family(name="easyanimate_requests_total", description="EasyAnimate requests by outcome",
+                          kind=family.COUNTER)
+        self._families.append(requests)
+        self._requests = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
+        self.steps = make("easyanimate_denoise_steps_total", "denoising steps done", family.COUNTER)
+        self.stopped_steps = make("easyanimate_stopped_request_steps_total", "denoising steps done by requests that "
+                                  "were then stopped (cancelled, deadline, shutdown)", family.COUNTER)
+        self.cost = make("easyanimate_request_cost_total", "admitted work units (frames*height*width*steps*cfg)",
+                         family.COUNTER)
+        self.step_seconds = make("easyanimate_step_seconds", "seconds per denoising step", family.HISTOGRAM,
+                                 buckets=_STEP_BUCKETS)
+        self.request_seconds = make("easyanimate_request_seconds", "seconds per request (generation to answer)",
+                                    family.HISTOGRAM, buckets=_REQUEST_BUCKETS)
+        self.inflight = make("easyanimate_inflight", "1 while this instance generates", family.GAUGE)
+        self.progress = make("easyanimate_last_progress_timestamp_seconds", "unix time of the last progress",
+                             family.GAUGE)
+        self.progress.set(time.time())
+
+    def outcome(self, outcome: str) -> None:
+        self._requests[outcome].increment(1)
+
+
+class _NoMetrics:
+    """Stand-in when the backend has no metrics API (or it failed): every call does nothing."""
+
+    def __getattr__(self, _name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
+def _outcome(exc: BaseException | None) -> str:
+    if exc is None:
+        return "success"
+    if isinstance(exc, OverBudget):
+        return "over_budget"
+    if isinstance(exc, (RequestError, ValueError)):
+        return "invalid"
+    if isinstance(exc, Cancelled):
+        return exc.reason if exc.reason in OUTCOMES else "cancelled"
+    return "failed"
+
+
+LAUNCHER_PID_ENV = "EASYANIMATE_LAUNCHER_PID"  # set by serving.launch: the process the server must not outlive
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (a killed launcher whose parent has not reaped it yet is a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def _start_parent_watchdog(shm_prefix: str, interval: float = 0.5) -> None:
+    """A daemon thread: when tritonserver (this stub's parent) is gone — or the launcher that started it, e.g. after
+    a SIGKILL — kill the server, remove its ``/dev/shm`` regions and exit at once, also in the middle of a
+    generation (the stub's own parent check waits for ``execute`` to return)."""
+    parent = os.getppid()
+    launcher = int(os.environ.get(LAUNCHER_PID_ENV) or 0)
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            if launcher and not _alive(launcher) and os.getppid() == parent:
+                try:
+                    os.kill(parent, 9)  # SIGKILL: the launcher is gone, nobody will stop this server
+                except OSError:
+                    pass
+                time.sleep(0.2)
+            if os.getppid() != parent:
+                if shm_prefix and "/" not in shm_prefix:
+                    for path in Path("/dev/shm").glob(f"{shm_prefix}*"):
+                        try:
+                            path.unlink()
+                        except OSError:
+                            pass
+                os._exit(1)
+
+    threading.Thread(target=watch, name="easyanimate-parent-watchdog", daemon=True).start()
+
+
 class TritonPythonModel:
-    """``easyanimate`` (one response per request) and ``easyanimate_stream`` (decoupled: progress, video, final)."""
+    """``easyanimate`` (one response per request) and ``easyanimate_stream`` (decoupled: progress, video, final).
+
+    Each request is admitted (``serving.request.check_budget``: refused at once when over the work budget), then
+    generated with a per-step check that stops it at the next denoising step when the client cancelled or went
+    away (``request.is_cancelled()``), its deadline passed, or the launcher is stopping the server (the
+    ``stop_file`` parameter exists).
+    """
 
     def initialize(self, args: dict[str, str]) -> None:
         import torch
@@ -321,15 +471,27 @@ class TritonPythonModel:
         self.model = load_model(
             params.get("model_source") or os.environ.get(MODEL_URI_ENV, ""),
             tracking_uri=params.get("tracking_uri") or os.environ.get(TRACKING_URI_ENV) or None,
-            device=params.get("device") or "auto",
+            device=(f"cuda:{args.get('model_instance_device_id', 0)}" if args.get("model_instance_kind") == "GPU"
+                    else params.get("device") or "auto"),  # KIND_GPU: each instance on its own device
             dtype=params.get("dtype") or "",
             max_size=int(params.get("max_size") or 1280),
             max_frames=int(params.get("max_frames") or 144),
             alias_uri=params.get("model_alias") or "",
             lora_dir=params.get("lora_dir") or "",
+            max_cost=int(params.get("max_cost") or 0) or None,
+            deadline_s=float(params.get("deadline_s") or 0) or None,
         )
+        self.stop_file = params.get("stop_file") or ""
+        _start_parent_watchdog(params.get("shm_prefix") or "")
+        try:
+            self.metrics = ServingMetrics(self.name, self.instance or self.name)
+        except Exception as exc:  # metrics disabled on the server (--allow-metrics=false): serve without them
+            self._log("warn", f"{self.name}: no custom metrics: {exc}")
+            self.metrics = _NoMetrics()
+        admission = self.model.admission
         self._log("info", f"{self.instance or self.name}: loaded {self.model.info['source']} "
-                          f"(version {self.model.info['version']}) in {self.model.load_seconds:.1f} s")
+                          f"(version {self.model.info['version']}) in {self.model.load_seconds:.1f} s; work budget "
+                          f"{admission.max_cost:,}, deadline {admission.deadline_s:g} s")
 
     def _log(self, level: str, message: str) -> None:
         logger = getattr(pb_utils, "Logger", None)
@@ -340,6 +502,11 @@ class TritonPythonModel:
         if isinstance(exc, RequestError):
             return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
         if isinstance(exc, Cancelled):
+            if exc.reason == "shutdown":  # another replica (or this one, restarted) can take it
+                return pb_utils.TritonError(f"server is stopping; retry: {exc}", pb_utils.TritonError.UNAVAILABLE)
+            if exc.reason == "deadline":
+                return pb_utils.TritonError(f"deadline of {self.model.admission.deadline_s:g} s exceeded ({exc})",
+                                            pb_utils.TritonError.CANCELLED)
             return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)
         if isinstance(exc, ValueError):  # the pipeline's own checks (e.g. a size its VAE cannot take)
             return pb_utils.TritonError(f"invalid request: {exc}", pb_utils.TritonError.INVALID_ARG)
@@ -350,7 +517,58 @@ class TritonPythonModel:
 
     def _parse(self, request) -> GenerationRequest:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-        return parse_request(inputs, self.model.defaults, self.model.limits)
+        req = parse_request(inputs, self.model.defaults, self.model.limits)
+        self.metrics.cost.increment(check_budget(req, self.model.admission))  # over budget: refused before any work
+        return req
+
+    def _stop_reason(self, request, started: float) -> str | None:
+        """Why this request must stop now (None = carry on)."""
+        if request.is_cancelled():
+            return "cancelled"
+        if self.stop_file and os.path.exists(self.stop_file):
+            return "shutdown"
+        if time.monotonic() - started > self.model.admission.deadline_s:
+            return "deadline"
+        return None
+
+    def _run(self, request, on_progress: Callable[[int, int], None] | None = None):
+        """Parse, admit and generate one request with the per-step stop checks → (data, mime, metadata); counts
+        the outcome and times in the metrics either way."""
+        metrics = self.metrics
+        started = time.monotonic()
+        last = [started]
+
+        def on_step(step: int, total: int) -> str | None:
+            now = time.monotonic()
+            metrics.steps.increment(1)
+            metrics.step_seconds.observe(now - last[0])
+            metrics.progress.set(time.time())
+            last[0] = now
+            reason = self._stop_reason(request, started)
+            if reason is None and on_progress is not None:
+                on_progress(step, total)
+            return reason
+
+        metrics.inflight.set(1)
+        metrics.progress.set(time.time())
+        error = None
+        try:
+            req = self._parse(request)
+            reason = self._stop_reason(request, started)  # cancelled while it waited in the queue
+            if reason is not None:
+                raise Cancelled(f"{reason}: stopped before the first denoising step", reason, 0)
+            return generate(self.model, req, on_step=on_step)
+        except Exception as exc:
+            error = exc
+            if isinstance(exc, Cancelled):
+                metrics.stopped_steps.increment(exc.step)
+                self._log("info", f"{self.instance or self.name}: {exc}")
+            raise
+        finally:
+            metrics.outcome(_outcome(error))
+            metrics.request_seconds.observe(time.monotonic() - started)
+            metrics.inflight.set(0)
+            metrics.progress.set(time.time())
 
     def _outputs(self, data: bytes, metadata: dict[str, Any]) -> list:
         metadata = {**metadata, "triton_model": self.name, "instance": self.instance}
@@ -364,7 +582,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                data, _mime, metadata = generate(self.model, self._parse(request))
+                data, _mime, metadata = self._run(request)
                 responses.append(pb_utils.InferenceResponse(output_tensors=self._outputs(data, metadata)))
             except Exception as exc:  # one failed request, not a failed instance
                 responses.append(pb_utils.InferenceResponse(error=self._error(exc)))
@@ -373,21 +591,16 @@ class TritonPythonModel:
     def _stream(self, request) -> None:
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        cancelled = getattr(request, "is_cancelled", lambda: False)
         last = {"step": 0, "total": 0}
 
-        def on_step(step: int, total: int) -> bool:
-            if cancelled():
-                return False
+        def on_progress(step: int, total: int) -> None:
             last.update(step=step, total=total)
             progress = json.dumps({"step": step, "total": total})
             sender.send(pb_utils.InferenceResponse(
                 output_tensors=[_bytes_tensor("VIDEO", b""), _bytes_tensor("PROGRESS", progress)]))
-            return True
 
         try:
-            req = self._parse(request)
-            data, _mime, metadata = generate(self.model, req, on_step=on_step)
+            data, _mime, metadata = self._run(request, on_progress)
             done = json.dumps({**last, "done": True})
             sender.send(pb_utils.InferenceResponse(
                 output_tensors=[*self._outputs(data, metadata), _bytes_tensor("PROGRESS", done)]))
@@ -402,4 +615,5 @@ class TritonPythonModel:
         self.model = None
 
 
-__all__ = ["Cancelled", "LoadedModel", "TritonPythonModel", "generate", "load_model", "parameters_of"]
+__all__ = ["Cancelled", "LoadedModel", "OUTCOMES", "ServingMetrics", "TritonPythonModel", "generate", "load_model",
+           "parameters_of"]
