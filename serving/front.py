@@ -598,7 +598,7 @@ class Front:
             self._thread.join(timeout=30)
             self._thread = None
         if self._grpc_server is not None:
-            self._grpc_server.stop(grace=2).wait(5)
+            self._grpc_server.stop(grace=1).wait(5)  # in-flight calls are cancelled, and so upstream
             self._grpc_server = None
         self.set_upstream(None)
 
@@ -620,7 +620,7 @@ class Front:
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, logger=_HTTP_LOG,
                                      max_line_size=8190,
                                      max_field_size=8190, max_headers=128, auto_decompress=False,
-                                     keepalive_timeout=75)
+                                     keepalive_timeout=75, shutdown_timeout=1.0)
         await self._runner.setup()
         http_port, _grpc, metrics_port = self._ports
         site = web.TCPSite(self._runner, self.host, http_port, reuse_address=True)
