@@ -669,8 +669,9 @@ class TritonServer:
             if version not in (self.served_version, self._failed_version):
                 try:
                     refusal = self._gate_refusal(version)
-                except Exception as exc:  # cannot read the gate record: not served until it can be
-                    refusal = f"its gate record could not be read ({type(exc).__name__})"
+                except Exception as exc:  # cannot read the gate record now: keep serving, look again next poll
+                    logger.warning("could not read the gate record of %s version %s: %s", self.alias[0], version, exc)
+                    refusal, version = None, self.served_version
                 if refusal:
                     logger.error("alias %s of %s moved to version %s: NOT served, %s; still serving version %s",
                                  self.alias[1], self.alias[0], version, refusal, self.served_version)
