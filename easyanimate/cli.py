@@ -51,6 +51,9 @@ def generate(
                                      "name of a file in the server's --lora-dir)"),
     lora_scale: float = typer.Option(0.55, "--lora-scale"),
     fps: int | None = typer.Option(None),
+    accel: str | None = typer.Option(None, "--accel", help="speed setting: exact (bit-identical), default (fastest "
+                                     "meeting the quality bar here), or key=value items, e.g. cache=first_block,"
+                                     "threshold=0.08 / default,dtype=bf16 (default: the config's generate.accel)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     preset: str | None = typer.Option(None, "--preset", help="preset name or YAML file (default: tiny with "
                                          "--model tiny or no model, v2_512 with a folder)"),
@@ -68,7 +71,7 @@ def generate(
             raise typer.BadParameter(f"{', '.join(given)} apply to local generation, not with --server")
         _generate_on_server(server, prompt, out, negative_prompt=negative_prompt, num_frames=frames, height=height,
                             width=width, steps=steps, guidance=guidance, seed=seed, sampler=sampler, fps=fps,
-                            **({"lora": lora.name, "lora_alpha": lora_scale} if lora is not None else {}))
+                            accel=accel, **({"lora": lora.name, "lora_alpha": lora_scale} if lora is not None else {}))
         return
     import torch
 
@@ -95,6 +98,12 @@ def generate(
         raise typer.BadParameter(str(exc)) from exc
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    from .accel import AccelError, resolve, to_spec
+
+    try:
+        accel_setting = resolve(accel if accel is not None else g.accel, dev)
+    except AccelError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--accel") from exc
     t0 = time.perf_counter()
     pipe = build_pipeline(cfg.model, sampler=sampler_name).to(dev)
     if lora is not None:
@@ -113,12 +122,13 @@ def generate(
             guidance_scale=guidance if guidance is not None else g.guidance_scale,
             generator=generator,
             smooth_decode=g.smooth_decode,
+            accel=accel_setting,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     write_video(out, result.videos[0], fps=fps or g.fps)
     info = {"out": str(out), "frames": n_frames, "height": height or g.height, "width": width or g.width,
-            "sampler": sampler_name, "seconds_load": round(t_load, 2),
+            "sampler": sampler_name, "accel": to_spec(accel_setting), "seconds_load": round(t_load, 2),
             "seconds_total": round(time.perf_counter() - t0, 2)}
     typer.echo(json.dumps(info))
 

@@ -133,6 +133,28 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AccelConfig:
+    """How fast generation runs (``easyanimate.accel``): step caching, compiled / low-precision DiT, lean memory.
+
+    ``base`` picks the starting point: ``default`` (the fastest setting that meets the quality bar on the device in
+    use, see README "Fast generation") or ``exact`` (today's numerics, bit for bit). Every other key left at null
+    keeps the base's value. The CLI / request spec ``"default,cache=mag,threshold=0.1"`` writes the same thing.
+    """
+
+    base: str = "default"  # default | exact
+    cache: str | None = None  # none | first_block | mag | taylorseer | pab | faster
+    threshold: float | None = None  # first_block: relative L1 change of the first block's residual; mag: error budget
+    interval: int | None = None  # taylorseer / pab / faster: recompute every N steps (N-1 reuse steps between)
+    compile: bool | None = None  # regional torch.compile of the repeated transformer block
+    dtype: str | None = None  # DiT compute dtype: "" (as loaded) | float32 | bfloat16 | float16
+    fp8: bool | None = None  # float8 weight storage (layerwise casting to the compute dtype); CUDA only
+    offload: str | None = None  # none | model (whole components to the GPU in turn) | group (block groups); CUDA only
+    vae_slicing: bool | None = None  # decode the batch one video at a time
+    vae_tiling: bool | None = None  # spatial tiles in the VAE (only VAEs that implement it)
+    attention: str | None = None  # attention backend: native | flash | sage | xformers (diffusers dispatch)
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """Sampling defaults (predict_t2v.py of V2, except what the preset changes)."""
 
@@ -147,6 +169,7 @@ class GenerateConfig:
     sampler: str = "DPM++"  # Euler | Euler A | DPM++ | PNDM | DDIM
     fps: int = 24
     smooth_decode: bool = False  # V2's seam-smoothing re-encode pass after the chunked decode
+    accel: AccelConfig = field(default_factory=AccelConfig)  # step caching, compile, dtype, offload (easyanimate.accel)
 
 
 # --- data (training inputs) -------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .accel import AccelRuntime
+from .accel import resolve as resolve_accel
+from .config import AccelConfig
 from .fsutil import replace_dir
 from .models.autoencoder_magvit import AutoencoderKLMagvit
 from .models.text_encoder import load_encoder, load_tokenizer, resolve_text_encoder_dirs
@@ -85,6 +88,8 @@ class EasyAnimatePipeline(DiffusionPipeline):
         )
         self.max_sequence_length = 120
         self.lowercase_prompts = True
+        self.accel: AccelConfig | str | None = None  # a call's accel when it passes none (None = exact)
+        self._accel_runtime = AccelRuntime(self)
 
     # -----------------------------------------------------------------------------------------------------------------
     # properties derived from the components
@@ -106,6 +111,17 @@ class EasyAnimatePipeline(DiffusionPipeline):
     def set_sampler(self, name: str) -> None:
         """Swap the scheduler for a V2 sampler name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")."""
         self.scheduler = make_scheduler(name)
+
+    def set_accel(self, accel: AccelConfig | str | None) -> None:
+        """The acceleration setting of later calls that pass no ``accel`` (spec string such as ``"default"``,
+        ``"cache=first_block,threshold=0.08"``, or an ``AccelConfig``; None = exact). Checked now for this device."""
+        resolve_accel(accel, str(self._execution_device))
+        self.accel = accel
+
+    @property
+    def current_timestep(self) -> float:
+        """The timestep of the running denoising step (what PAB / FasterCache key their skipping on)."""
+        return self._accel_runtime.current_timestep
 
     # -----------------------------------------------------------------------------------------------------------------
     # loading and saving
@@ -291,6 +307,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
         max_sequence_length: int | None = None,
         show_progress: bool = True,
         return_dict: bool = True,
+        accel: AccelConfig | str | None = None,
     ):
         """Generate videos.
 
@@ -304,6 +321,8 @@ class EasyAnimatePipeline(DiffusionPipeline):
             smooth_decode: V2's seam-smoothing pass after the chunked decode.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...})`` after every step; it may return a
                 dict with replacement ``latents``; set ``pipe.interrupt = True`` inside it to stop early.
+            accel: acceleration for this call (``easyanimate.accel``: ``"exact"``, ``"default"``,
+                ``"cache=mag,threshold=0.1"``, an ``AccelConfig``); None = ``pipe.accel`` (exact unless set).
         """
         # 1. check inputs
         self.check_inputs(prompt, num_frames, height, width, num_inference_steps)
@@ -311,8 +330,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pt', 'np' or 'latent', got {output_type!r}")
         batch = 1 if isinstance(prompt, str) else len(prompt)
         device = self._execution_device
-        dtype = self.transformer.dtype
         do_cfg = guidance_scale > 1.0
+        accel_settings = resolve_accel(accel if accel is not None else self.accel, str(device))
+        dtype = self._accel_runtime.prepare(accel_settings, num_inference_steps, do_cfg, device)
         self.interrupt = False
 
         # 2. encode prompts (negative first, so CFG's chunk(2) gives uncond, cond)
@@ -339,10 +359,11 @@ class EasyAnimatePipeline(DiffusionPipeline):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t)
             t_in = t.expand(model_in.shape[0]) if torch.is_tensor(t) else torch.full((model_in.shape[0],), t)
-            noise_pred = self.transformer(
-                model_in.to(dtype), timestep=t_in.to(device), encoder_hidden_states=embeds,
-                encoder_attention_mask=mask, return_dict=False,
-            )[0].float()
+            with self._accel_runtime.step_context(t):
+                noise_pred = self.transformer(
+                    model_in.to(dtype), timestep=t_in.to(device), encoder_hidden_states=embeds,
+                    encoder_attention_mask=mask, return_dict=False,
+                )[0].float()
             if do_cfg:
                 uncond, cond = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (cond - uncond)
@@ -357,6 +378,7 @@ class EasyAnimatePipeline(DiffusionPipeline):
                 bar.update()
         if bar is not None:
             bar.close()
+        self._accel_runtime.finish()
 
         # 6. decode
         if output_type == "latent":

@@ -196,6 +196,7 @@ def generate_one(pipe, request: dict[str, Any]) -> dict[str, Any]:
         request["prompt"], negative_prompt=request["negative_prompt"], num_frames=request["num_frames"],
         height=request["height"], width=request["width"], num_inference_steps=request["steps"],
         guidance_scale=request["guidance"], generator=generator, output_type="pt", show_progress=False,
+        accel=request.get("accel"),  # the version's generate_defaults "accel" (easyanimate.accel spec); None = exact
     ).videos
     data, suffix = encode_media(videos[0], fps=request["fps"])
     return {
@@ -215,7 +216,8 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
     """Text → video. Artifact ``"pipeline"``: a pipeline folder or a by-reference pointer to one.
 
     ``model_config`` (optional, set at logging time): generation defaults under the request column names
-    (e.g. ``{"num_frames": 9, "height": 64, "width": 64, "steps": 5}``), plus ``"torch_dtype"``.
+    (e.g. ``{"num_frames": 9, "height": 64, "width": 64, "steps": 5}``), plus ``"torch_dtype"`` and ``"accel"``
+    (an ``easyanimate.accel`` spec such as ``"default"`` or ``"cache=first_block,threshold=0.08"``).
     """
 
     def load_context(self, context) -> None:
@@ -225,6 +227,7 @@ class EasyAnimatePyfunc(mlflow.pyfunc.PythonModel):
         self.folder = resolve_pipeline_folder(context.artifacts[ARTIFACT_KEY])
         self.pipe = EasyAnimatePipeline.from_pretrained(self.folder, torch_dtype=config.pop("torch_dtype", None))
         self.defaults = {**default_request(), **{k: v for k, v in config.items() if k in REQUEST_COLUMNS}}
+        self.defaults["accel"] = str(config.get("accel", "default"))  # speed setting (easyanimate.accel spec)
         self._lock = threading.Lock()  # one generation at a time: the pipeline and its scheduler are stateful
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

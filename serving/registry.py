@@ -101,6 +101,19 @@ def _requirements() -> list[str]:
     return reqs
 
 
+def _with_accel(generate_defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """The version's generate defaults with its speed setting as a checked spec string (``generate.accel``)."""
+    from easyanimate.accel import parse_spec, to_spec
+    from easyanimate.config import AccelConfig
+
+    out = dict(generate_defaults or {})
+    accel = out.get("accel", AccelConfig())
+    if isinstance(accel, dict):
+        accel = AccelConfig(**accel)
+    out["accel"] = to_spec(accel if isinstance(accel, AccelConfig) else parse_spec(str(accel)))
+    return out
+
+
 def _stage_code(tmp: Path) -> str:
     """A ``serving`` package holding only pyfunc.py, for ``code_paths``: the model unpickles in any process
     that has ``easyanimate`` installed, without this repository's other serving modules."""
@@ -183,7 +196,8 @@ def register_pipeline(
             folder must then exist at that path wherever the model is loaded.
         metrics: evaluation metrics; logged to the run and kept as ``metric.<name>`` version tags.
         generate_defaults: generation defaults of the served model (request column names: num_frames, height,
-            width, steps, guidance, seed, sampler, fps, negative_prompt); default: ``GenerateConfig``'s.
+            width, steps, guidance, seed, sampler, fps, negative_prompt, and ``accel``: an ``easyanimate.accel``
+            spec or ``AccelConfig``, stored as its spec string, ``GenerateConfig``'s ``default`` when absent).
 
     Returns the ``ModelVersion`` (READY, with its tags).
     """
@@ -216,7 +230,8 @@ def register_pipeline(
                 artifact = pointer_dir
             else:
                 artifact = folder
-            model_id, model_uri, model_location = _log_pyfunc(client, run_id, artifact, tmp, generate_defaults)
+            model_id, model_uri, model_location = _log_pyfunc(client, run_id, artifact, tmp,
+                                                              _with_accel(generate_defaults))
         if metrics:
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])

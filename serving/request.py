@@ -20,6 +20,8 @@ SAMPLER        BYTES    Euler | Euler A | DPM++ | PNDM | DDIM (case-insensitive;
 LORA           BYTES    the NAME of a ``.safetensors`` file in the server's LoRA folder (``lora_dir``), never a path;
                         empty = none. Merged into the transformer for this request only (V2's UI does the same)
 LORA_ALPHA     FP32     finite, 0 … 2 (default 0.55, V2's): the LoRA's multiplier
+ACCEL          BYTES    speed setting (``easyanimate.accel`` spec): exact | default | key=value items such as
+                        ``cache=first_block,threshold=0.08`` (default: the model's ``generate_defaults``, else default)
 ============== ======== ==================================================================================
 
 Outputs: ``VIDEO`` (BYTES [1]: MP4, or PNG for one frame) and ``METADATA`` (BYTES [1]: JSON); the streaming model also
@@ -56,13 +58,15 @@ INPUTS: dict[str, tuple[str, str]] = {
     "SAMPLER": ("sampler", "BYTES"),
     "LORA": ("lora", "BYTES"),
     "LORA_ALPHA": ("lora_alpha", "FP32"),
+    "ACCEL": ("accel", "BYTES"),
 }
 REQUIRED = ("PROMPT",)
 OUTPUTS = ("VIDEO", "METADATA")
 STREAM_OUTPUTS = ("VIDEO", "METADATA", "PROGRESS")
 _FIELD_TO_INPUT = {f: name for name, (f, _) in INPUTS.items()}
 _COERCE = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": float, "num_frames": int,
-           "height": int, "width": int, "fps": int, "sampler": str, "lora": str, "lora_alpha": float}
+           "height": int, "width": int, "fps": int, "sampler": str, "lora": str, "lora_alpha": float,
+           "accel": lambda value: _accel_text(value)}
 # GenerateConfig / pyfunc spellings accepted in defaults
 _DEFAULT_ALIASES = {"guidance_scale": "guidance", "num_inference_steps": "steps", "frames": "num_frames"}
 
@@ -125,6 +129,7 @@ class GenerationRequest:
     sampler: str
     lora: str = ""  # a file name in the server's LoRA folder; "" = none
     lora_alpha: float = DEFAULT_LORA_ALPHA
+    accel: str = "default"  # an easyanimate.accel spec: exact | default | key=value items
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,7 +142,31 @@ def v2_defaults() -> dict[str, Any]:
 
     g = GenerateConfig()
     return {"negative_prompt": g.negative_prompt, "seed": g.seed, "steps": g.steps, "guidance": g.guidance_scale,
-            "num_frames": g.num_frames, "height": g.height, "width": g.width, "fps": g.fps, "sampler": g.sampler}
+            "num_frames": g.num_frames, "height": g.height, "width": g.width, "fps": g.fps, "sampler": g.sampler,
+            "accel": _accel_text(g.accel)}
+
+
+def _accel_text(value: Any) -> str:
+    """A defaults' accel (spec string, ``AccelConfig`` or its dict form, e.g. from a pyfunc's model_config) → the
+    spec string requests carry."""
+    from easyanimate.accel import to_spec
+    from easyanimate.config import AccelConfig
+
+    if isinstance(value, AccelConfig):
+        return to_spec(value)
+    if isinstance(value, Mapping):
+        return to_spec(AccelConfig(**value))
+    return str(value)
+
+
+def _accel(name: str, text: str) -> str:
+    """Check an accel spec for form and values (device limits, e.g. fp8 needs CUDA, are the model's check)."""
+    from easyanimate.accel import AccelError, parse_spec, to_spec
+
+    try:
+        return to_spec(parse_spec(text))
+    except AccelError as exc:
+        raise RequestError(f"{name}: {exc}") from None
 
 
 def merge_defaults(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -248,6 +277,7 @@ def check_request(req: GenerationRequest, limits: Limits) -> GenerationRequest:
         raise RequestError(f"LORA_ALPHA must be a finite number between 0 and {limits.max_lora_alpha:g}, "
                            f"got {req.lora_alpha!r}")
     check_lora_name(req.lora)
+    _accel("ACCEL", req.accel)
     return req
 
 
@@ -323,6 +353,8 @@ def parse_request(inputs: Mapping[str, Any], defaults: Mapping[str, Any] | None 
             values[field] = _sampler(name, _text(name, raw, limits, allow_empty=False))
         elif name == "LORA":
             values[field] = _text(name, raw, limits, allow_empty=True).strip()
+        elif name == "ACCEL":
+            values[field] = _accel(name, _text(name, raw, limits, allow_empty=False))
         elif name in ("GUIDANCE", "LORA_ALPHA"):
             values[field] = _float(name, raw)
         else:

@@ -230,6 +230,9 @@ def load_model(source: str, tracking_uri: str | None = None, device: str = "auto
     try:
         defaults["sampler"] = canonical_sampler(defaults["sampler"])
         check_request(GenerationRequest(prompt="-", **defaults), limits)
+        from easyanimate.accel import resolve as resolve_accel
+
+        resolve_accel(defaults["accel"], str(device))  # e.g. an fp8 default served on a CPU
     except ValueError as exc:
         raise ValueError(f"the generate defaults of {info['source']} do not fit what it serves: {exc}") from None
     info["device"] = str(device)
@@ -283,6 +286,13 @@ def generate(model: LoadedModel, req: GenerationRequest,
             stopped.append((i + 1, verdict if isinstance(verdict, str) else "cancelled"))
 
     lora_path = resolve_lora(req.lora, model.lora_dir)  # before any work: a bad name is the request's error
+    from easyanimate.accel import AccelError
+    from easyanimate.accel import resolve as resolve_accel
+
+    try:  # the device-dependent checks (fp8, offload, flash attention need CUDA) are the request's error too
+        accel = resolve_accel(req.accel, str(model.info.get("device", "cpu")))
+    except AccelError as exc:
+        raise RequestError(f"ACCEL: {exc}") from None
     started_at = time.time()
     start = time.perf_counter()
     with model.lock, ExitStack() as stack:
@@ -302,7 +312,7 @@ def generate(model: LoadedModel, req: GenerationRequest,
             latents = pipe(req.prompt, negative_prompt=req.negative_prompt, num_frames=req.num_frames,
                            height=req.height, width=req.width, num_inference_steps=req.steps,
                            guidance_scale=req.guidance, generator=generator, output_type="latent",
-                           callback_on_step_end=callback, show_progress=False).videos
+                           callback_on_step_end=callback, show_progress=False, accel=accel).videos
         finally:
             del pipe.encode_prompt
     if stopped:

@@ -27,8 +27,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
 # The V2 yaml (config/easyanimate_video_magvit_motion_module_v2.yaml); missing keys of a user dict fall back to these.
@@ -110,8 +110,36 @@ class TemporalPositionalEncoding(nn.Module):
         return x + self.pe[:, :num_frames].to(x.dtype)
 
 
-class TemporalSelfAttention(nn.Module):
-    """Multi-head self-attention along the frame axis of ``(N, F, C)`` sequences (q/k/v without bias)."""
+class TemporalAttnProcessor:
+    """Computes a :class:`TemporalSelfAttention` through diffusers' ``dispatch_attention_fn``.
+
+    ``_attention_backend`` is what ``ModelMixin.set_attention_backend`` / the ``attention_backend`` context manager
+    select (None = the active one, ``native`` SDPA by default). Holds no weights, so the state dict is unchanged.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: TemporalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+        n, f, _ = x.shape
+        # dispatch_attention_fn takes (batch, seq, heads, head_dim); the native backend permutes to SDPA's layout,
+        # which is exactly the view(...).transpose(1, 2) that the pre-dispatch code used.
+        q, k, v = (proj(x).view(n, f, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        out = dispatch_attention_fn(q, k, v, backend=self._attention_backend)  # scale = head_dim ** -0.5, as in V2
+        return out.reshape(n, f, -1)
+
+
+class TemporalSelfAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention along the frame axis of ``(N, F, C)`` sequences (q/k/v without bias).
+
+    An ``AttentionModuleMixin``: diffusers' attention-backend selection and its attention-level caches (Pyramid
+    Attention Broadcast, FasterCache) see it like their own attention classes.
+    """
+
+    _default_processor_cls = TemporalAttnProcessor
+    _available_processors = [TemporalAttnProcessor]
+    _supports_qkv_fusion = False
+    is_cross_attention = False
 
     def __init__(
         self,
@@ -130,12 +158,10 @@ class TemporalSelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim), nn.Dropout(dropout)])
         self.pos_encoder = TemporalPositionalEncoding(dim, max_len) if position_encoding else None
+        self.set_processor(TemporalAttnProcessor())
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        n, f, _ = x.shape
-        q, k, v = (proj(x).view(n, f, self.heads, -1).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)  # default scale = head_dim ** -0.5, as in V2
-        return out.transpose(1, 2).reshape(n, f, -1)
+        return self.processor(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_encoder is not None:

@@ -26,9 +26,18 @@ One block, in order (x = tokens, t = per-block modulation)::
     x = x + attn2(x, captions, caption_mask)    # mask -> additive bias (1 - m) * -10000
     x = x + gate_mlp * ff(LN(x) * (1 + scale_mlp) + shift_mlp)
 
-Spatial and cross attention use diffusers ``Attention`` (default processor = ``scaled_dot_product_attention``);
-the motion module calls SDPA directly. Parameter and buffer names match the official V2 checkpoints
+Spatial and cross attention are diffusers ``Attention`` modules whose processor (:class:`EasyAnimateAttnProcessor`)
+computes through diffusers' ``dispatch_attention_fn``; the motion module's temporal attention does the same
+(:class:`~easyanimate.models.motion_module.TemporalAttnProcessor`). So ``model.set_attention_backend("flash")`` /
+``with attention_backend("sage"):`` select the kernel (``native`` SDPA by default, numerically what the code did
+before dispatch existed). Parameter and buffer names match the official V2 checkpoints
 (``alibaba-pai/EasyAnimateV2-XL-2-*``), including the persistent frame-PE buffers ``...pos_encoder.pe``.
+
+Step caching: the model is a diffusers ``CacheMixin`` (``enable_cache(FirstBlockCacheConfig(...))`` and friends).
+The block-level caches (First-Block-Cache, MagCache) hook the ``transformer_blocks`` list and replace skipped blocks
+by the identity, so every block must map its own input to its own output. That is why the U-ViT long skip is
+added INSIDE the block (its ``skip`` argument, already projected by ``long_connect_fc``) rather than between blocks:
+a skipped block then skips its skip-add too, and the cached residual (tail output minus head output) covers it.
 """
 
 from __future__ import annotations
@@ -37,9 +46,13 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.models.attention import AttentionMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.attention_processor import Attention
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
@@ -47,7 +60,48 @@ from torch import nn
 
 from easyanimate.models.motion_module import VanillaTemporalModule, resolve_motion_module_kwargs
 
-__all__ = ["Transformer2DModelOutput", "Transformer3DModel", "get_2d_sincos_pos_embed", "uvit_skip_plan"]
+__all__ = ["EasyAnimateAttnProcessor", "Transformer2DModelOutput", "Transformer3DModel", "get_2d_sincos_pos_embed",
+           "uvit_skip_plan"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention processor (spatial + cross attention)
+# --------------------------------------------------------------------------------------------------------------
+class EasyAnimateAttnProcessor:
+    """diffusers ``AttnProcessor2_0`` (the V2 code's processor) with the kernel call routed through
+    ``dispatch_attention_fn``, so the backend is selectable. The native backend reproduces ``AttnProcessor2_0`` bit for
+    bit: same projections, same mask preparation (``prepare_attention_mask`` then ``(B, heads, Lq|1, Lk)``), same SDPA
+    call and layout. Only the options V2's attentions use are supported (no norms, no residual, rescale 1).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim) for t in (query, key, value))
+        # Context parallelism (``enable_parallelism``) applies to self-attention only: the query tokens are split
+        # across ranks, the captions of cross-attention are whole on every rank (local attention, no exchange).
+        parallel = self._parallel_config if encoder_hidden_states is None else None
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=parallel)
+        out = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,7 +182,8 @@ class TemporalTransformerBlock(nn.Module):
     """PixArt block (adaLN-single modulation) with a motion module between spatial and cross attention.
 
     Forward: ``hidden_states (B, F*h*w, D)``, ``encoder_hidden_states (B, L, D_cross)``, ``encoder_attention_mask``
-    additive ``(B, 1, L)`` or None, ``timestep`` modulation ``(B, 6*D)``, ``num_frames`` F → ``(B, F*h*w, D)``.
+    additive ``(B, 1, L)`` or None, ``timestep`` modulation ``(B, 6*D)``, ``num_frames`` F, ``skip`` the projected
+    U-ViT long skip ``(B, F*h*w, D)`` added to the input first (None for blocks without one) → ``(B, F*h*w, D)``.
     """
 
     def __init__(
@@ -154,6 +209,7 @@ class TemporalTransformerBlock(nn.Module):
             dropout=dropout,
             bias=attention_bias,
             upcast_attention=upcast_attention,
+            processor=EasyAnimateAttnProcessor(),
         )
         self.attn_temporal = VanillaTemporalModule(dim, dropout=dropout, **motion_module_kwargs)
         self.attn2 = Attention(
@@ -164,6 +220,7 @@ class TemporalTransformerBlock(nn.Module):
             dropout=dropout,
             bias=attention_bias,
             upcast_attention=upcast_attention,
+            processor=EasyAnimateAttnProcessor(),
         )
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=norm_elementwise_affine, eps=norm_eps)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn)
@@ -176,7 +233,10 @@ class TemporalTransformerBlock(nn.Module):
         encoder_attention_mask: torch.Tensor | None,
         timestep: torch.Tensor,
         num_frames: int,
+        skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if skip is not None:
+            hidden_states = hidden_states + skip
         batch, tokens, dim = hidden_states.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + timestep.reshape(batch, 6, -1)
@@ -211,7 +271,15 @@ def uvit_skip_plan(num_layers: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
-class Transformer3DModel(ModelMixin, AttentionMixin, ConfigMixin):
+# The block-level caches (First-Block-Cache, MagCache) find blocks through this registry: our block returns one
+# tensor (the hidden states) and takes no encoder stream to pass through.
+TransformerBlockRegistry.register(
+    TemporalTransformerBlock,
+    TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None),
+)
+
+
+class Transformer3DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin):
     r"""EasyAnimate V2 DiT: PixArt-alpha + a motion module in every block + U-ViT long skips.
 
     Defaults are the released ``EasyAnimateV2-XL-2`` values (1,446,296,864 parameters). The constructor accepts every
@@ -268,6 +336,16 @@ class Transformer3DModel(ModelMixin, AttentionMixin, ConfigMixin):
     _supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["TemporalTransformerBlock", "FramePatchEmbed"]
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "norm", "adaln_single"]
+    # diffusers context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``): each rank takes a
+    # slice of every frame's spatial tokens (the patch embedding's (B*F, h*w, D) output split on h*w), so a location
+    # keeps all its frames on one rank and the motion module's temporal attention stays local; spatial self-attention
+    # exchanges through Ulysses/ring; the motion module's GroupNorm reduces its per-frame statistics across ranks
+    # (installed by ``enable_parallelism`` below); the head's (B, F, h*w, C) output is gathered on h*w.
+    # See easyanimate.parallel.
+    _cp_plan: ClassVar[dict[str, Any]] = {
+        "pos_embed": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "proj_out": ContextParallelOutput(gather_dim=2, expected_dims=4),
+    }
 
     @register_to_config
     def __init__(
@@ -401,6 +479,24 @@ class Transformer3DModel(ModelMixin, AttentionMixin, ConfigMixin):
             else None
         )
 
+    def _resolve_parallel_config(self, config):
+        # diffusers 0.42 picks the device as rank % torch.accelerator.device_count(), which divides by zero on a
+        # CPU-only host: resolve there with the CPU device (gloo), the rest as diffusers does
+        if torch.accelerator.device_count() == 0:
+            from easyanimate.parallel import resolve_parallel_config_cpu
+
+            return resolve_parallel_config_cpu(self, config)
+        return super()._resolve_parallel_config(config)
+
+    def enable_parallelism(self, *, config, cp_plan=None):
+        """diffusers' ``enable_parallelism``, plus the one cross-rank statistic V2 needs under context parallelism:
+        the motion modules' GroupNorm (per-frame statistics over all spatial tokens) all-reduces its sums."""
+        super().enable_parallelism(config=config, cp_plan=cp_plan)
+        if self._parallel_config.context_parallel_config is not None:
+            from easyanimate.parallel import install_context_parallel_group_norms
+
+            install_context_parallel_group_norms(self, self._parallel_config.context_parallel_config)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -441,7 +537,8 @@ class Transformer3DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         # Patchify each frame, then lay tokens out frame-major: (B, F*h*w, D).
         frames = hidden_states.permute(0, 2, 1, 3, 4).reshape(batch * num_frames, -1, height, width)
-        x = self.pos_embed(frames).reshape(batch, num_frames * grid_h * grid_w, self.inner_dim)
+        # -1, not F*h*w: under context parallelism this rank holds a slice of each frame's tokens (see _cp_plan)
+        x = self.pos_embed(frames).reshape(batch, -1, self.inner_dim)
 
         if self.use_additional_conditions:
             cond = added_cond_kwargs or {}
@@ -463,20 +560,21 @@ class Transformer3DModel(ModelMixin, AttentionMixin, ConfigMixin):
 
         skips: list[torch.Tensor] = []
         for index, block in enumerate(self.transformer_blocks):
-            if index >= self.first_pop:
-                x = x + self.long_connect_fc[index - self.first_pop](skips.pop())
+            # The long skip is added inside the block (see the module docstring: step caches skip whole blocks).
+            skip = self.long_connect_fc[index - self.first_pop](skips.pop()) if index >= self.first_pop else None
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(
-                    block, x, encoder_hidden_states, encoder_attention_mask, modulation, num_frames
+                    block, x, encoder_hidden_states, encoder_attention_mask, modulation, num_frames, skip
                 )
             else:
-                x = block(x, encoder_hidden_states, encoder_attention_mask, modulation, num_frames)
+                x = block(x, encoder_hidden_states, encoder_attention_mask, modulation, num_frames, skip)
             if index < self.num_skips:
                 skips.append(x)
 
         shift, scale = (self.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
         x = self.norm_out(x) * (1 + scale) + shift
-        x = self.proj_out(x)
+        # (B, F, tokens per frame, D) so a context-parallel gather joins each frame's slices (same numbers otherwise)
+        x = self.proj_out(x.reshape(batch, num_frames, -1, x.shape[-1]))
 
         # Unpatchify: (B, F*h*w, p*p*C) -> (B, C, F, h*p, w*p).
         x = x.reshape(batch, num_frames, grid_h, grid_w, p, p, self.out_channels)
