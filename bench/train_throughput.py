@@ -8,13 +8,28 @@ One training step = forward + ε/VLB-style MSE loss + backward + AdamW step, on 
 of the preset's shapes (the VAE and text encoder are frozen and cached in real training, so they are not timed).
 Model FLOPs are counted once per shape with torch's FlopCounterMode on a forward pass (matmuls + SDPA) and a step
 is 3× that (forward + backward, recompute from checkpointing NOT counted, the usual MFU convention). Prints JSON.
+
+Per-phase breakdown: every case reports forward / backward / optimizer (clip + AdamW + zero_grad) separately, each
+as wall seconds, CPU seconds (user + system, from getrusage) and minor page faults per step; CPU time and faults are
+what to compare on a busy machine, where wall time is noisy.
+
+Variants (``--variant``): ``ours`` = what the trainers do (``easyanimate.runtime``: glibc allocator tuning + fused
+AdamW where supported); ``plain`` = a plain PyTorch loop over the same module (default AdamW, default allocator).
+``--compare R`` runs both R times each in fresh processes, interleaved (plain, ours, plain, ours, ...), and prints
+one JSON line per run plus a summary line with the medians and the plain/ours ratios:
+
+    .venv/bin/python bench/train_throughput.py --preset v2_512 --set model.transformer.num_layers=4 \\
+        --height 128 --width 128 --frames 9 --steps 3 --warmup 2 --compare 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from easyanimate.config import load_config  # noqa: E402
 from easyanimate.models.transformer3d import Transformer3DModel  # noqa: E402
+from easyanimate.runtime import adamw, allocator_state, tune_allocator  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
@@ -68,29 +84,49 @@ def run_case(model, opt, cfg, args, frames, device, dtype) -> dict:
     flops = forward_flops(model, inputs) * 3
     target = torch.randn(lat.shape[0], cfg.model.transformer.out_channels, *lat.shape[2:], device=device, dtype=dtype)
 
-    def step():
+    def usage():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter(), r.ru_utime + r.ru_stime, r.ru_minflt
+
+    phases = {"forward": [], "backward": [], "optimizer": []}
+
+    def step(record: bool):
+        u0 = usage()
         out = model(**inputs, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out.float(), target.float())
+        u1 = usage()
         loss.backward()
+        u2 = usage()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        u3 = usage()
+        if record:
+            for name, a, b in (("forward", u0, u1), ("backward", u1, u2), ("optimizer", u2, u3)):
+                phases[name].append((b[0] - a[0], b[1] - a[1], b[2] - a[2]))
 
     for _ in range(args.warmup):
-        step()
+        step(False)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        step(True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
+    breakdown = {name: {"wall_s": round(statistics.median(v[0] for v in vals), 4),
+                        "cpu_s": round(statistics.median(v[1] for v in vals), 4),
+                        "minor_faults": int(statistics.median(v[2] for v in vals))}
+                 for name, vals in phases.items()}
     res = {"frames": frames, "latent_shape": list(lat.shape), "tokens_per_sample": tokens // args.batch,
            "seconds_per_step": round(dt, 4), "samples_per_s": round(args.batch / dt, 4),
            "tokens_per_s": round(tokens / dt, 1), "model_gflop_per_step": round(flops / 1e9, 3),
-           "achieved_tflops": round(flops / dt / 1e12, 5)}
+           "achieved_tflops": round(flops / dt / 1e12, 5),
+           "phases": breakdown}
     if device.type == "cuda":
         res["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         peak = device_peak(torch.cuda.get_device_name())
@@ -99,6 +135,44 @@ def run_case(model, opt, cfg, args, frames, device, dtype) -> dict:
     else:
         res["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return res
+
+
+def compare(args, argv: list[str]) -> None:
+    """Run ``plain`` and ``ours`` R times each, interleaved, each in a fresh process; print lines + a summary."""
+    base, skip = [], False
+    for a in argv:  # drop "--compare R" / "--compare=R"
+        if skip or a.startswith("--compare="):
+            skip = False
+            continue
+        if a == "--compare":
+            skip = True
+            continue
+        base.append(a)
+    runs: dict[str, list[dict]] = {"plain": [], "ours": []}
+    for r in range(args.compare):
+        for variant in ("plain", "ours"):
+            cmd = [sys.executable, __file__, *base, "--variant", variant, "--json-line"]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            rec = json.loads(out)
+            rec["repeat"] = r
+            print(json.dumps(rec), flush=True)
+            runs[variant].append(rec)
+
+    def med(variant, key, phase=None):
+        vals = []
+        for rec in runs[variant]:
+            case = rec["cases"][0]
+            vals.append(case[key] if phase is None else case["phases"][phase][key])
+        return statistics.median(vals)
+
+    summary = {"summary": True, "repeats": args.compare, "load_average": os.getloadavg()}
+    for variant in runs:
+        summary[variant] = {"step_wall_s": med(variant, "seconds_per_step"),
+                            **{f"{ph}_{k}": med(variant, k, ph) for ph in ("forward", "backward", "optimizer")
+                               for k in ("wall_s", "cpu_s", "minor_faults")}}
+    summary["plain_over_ours"] = {k: round(summary["plain"][k] / summary["ours"][k], 2)
+                                  for k in summary["ours"] if summary["ours"][k]}
+    print(json.dumps(summary), flush=True)
 
 
 def main() -> None:
@@ -113,9 +187,24 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. model.transformer.num_layers=4 (repeatable)")
+    ap.add_argument("--variant", default="ours", choices=["ours", "plain"],
+                    help="ours: easyanimate.runtime (allocator tuning + fused AdamW); plain: a plain PyTorch loop")
+    ap.add_argument("--compare", type=int, default=0, metavar="R",
+                    help="run plain and ours R times each in fresh processes, interleaved, and summarise")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json-line", action="store_true", help="print one JSON line instead of indented JSON")
     args = ap.parse_args()
+    if args.compare:
+        compare(args, sys.argv[1:])
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.variant == "ours":
+        tune_allocator()
 
-    cfg = load_config(args.preset)
+    cfg = load_config(args.preset, args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -123,7 +212,10 @@ def main() -> None:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-10, fused=device.type == "cuda")
+    if args.variant == "ours":
+        opt = adamw(model.parameters(), lr=1e-5, eps=1e-10)
+    else:  # what a plain loop writes (on CUDA torch picks foreach itself)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-10)
     runner = torch.compile(model) if args.compile else model
     cases = []
     for frames in (int(f) for f in args.frames.split(",")):
@@ -133,12 +225,14 @@ def main() -> None:
             cases.append({"frames": frames, "error": f"out of memory: {exc}".splitlines()[0]})
             torch.cuda.empty_cache()
     print(json.dumps({
-        "preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "variant": args.variant, "allocator": allocator_state(),
+        "optimizer": {k: opt.defaults.get(k) for k in ("fused", "foreach")},
+        "preset": args.preset, "overrides": args.set, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
         "height": args.height, "width": args.width, "batch": args.batch,
         "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
         "params": sum(p.numel() for p in model.parameters()), "cases": cases,
-    }, indent=2))
+    }, indent=None if args.json_line else 2))
 
 
 if __name__ == "__main__":

@@ -449,6 +449,9 @@ def ui(
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from easyanimate.runtime import tune_allocator
+
+    tune_allocator()  # glibc keeps freed large blocks: CPU training/generation steps stop page-faulting (runtime.py)
     app(args=argv if argv is not None else sys.argv[1:], prog_name="easyanimate")
 
 

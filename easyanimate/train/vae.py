@@ -81,6 +81,9 @@ def train_vae(cfg: Config, data: str | Path, output: str | Path, resume: str | N
     """
     started = time.time()
     output = Path(output)
+    from easyanimate.runtime import tune_allocator
+
+    tune_allocator()  # keep freed large CPU blocks in the heap (easyanimate.runtime)
     accelerator = setup_accelerator(cfg.train, output)
     tracker = _main_tracker(tracker, output, accelerator)
     run = _build_run(cfg, Path(data), output, accelerator, tracker)
