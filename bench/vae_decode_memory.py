@@ -19,6 +19,13 @@ Usage::
     .venv/bin/python bench/vae_decode_memory.py --frames 9,36 --size 64
     .venv/bin/python bench/vae_decode_memory.py --quick              # 9,36 frames at 64x64, no smooth
     .venv/bin/python bench/vae_decode_memory.py --smooth-frames 9,36 --max-whole-frames 72
+    .venv/bin/python bench/vae_decode_memory.py --layout slice       # slice VAE: 17, 145 frames (1 + 8k)
+
+``--layout slice`` runs the same VAE config with ``slice_compression_vae`` (8 frames -> 2 latents per slice, the
+first frame alone): latents for F = 1 + 8k frames have 1 + 2k frames; the pipeline path is ``decode_chunked`` (each
+slice decoded with its neighbours' latents and written into one preallocated output), ``whole`` is the official
+``decode`` (slices concatenated at the end). ``ratio_145_vs_17`` is the pipeline-path peak at 145 over 17 frames
+(acceptance: <= 1.2).
 
 Prints ONE JSON object on stdout (progress goes to stderr). ``ratio_144_vs_9`` is the pipeline-path peak at 144
 frames over the peak at 9 frames (acceptance: <= 1.2).
@@ -64,8 +71,13 @@ MEASUREMENT = (
 )
 
 
-def _latent_frames(frames: int) -> int:
-    return 1 if frames == 1 else frames // 9 * 3
+SLICE_OVERRIDES = {"slice_compression_vae": True, "mini_batch_encoder": 8, "mini_batch_decoder": 2}
+
+
+def _latent_frames(frames: int, layout: str = "v2") -> int:
+    if frames == 1:
+        return 1
+    return 1 + (frames - 1) // 8 * 2 if layout == "slice" else frames // 9 * 3
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -90,10 +102,12 @@ def _worker(case: dict) -> dict:
         torch.set_num_threads(int(case["threads"]))
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    vae = AutoencoderKLMagvit.from_config(V2_VAE_CONFIG).eval()
+    layout = case.get("layout", "v2")
+    config = {**V2_VAE_CONFIG, **(SLICE_OVERRIDES if layout == "slice" else {})}
+    vae = AutoencoderKLMagvit.from_config(config).eval()
     build_s = time.perf_counter() - t0
     frames, size = int(case["frames"]), int(case["size"])
-    n_lat = _latent_frames(frames)
+    n_lat = _latent_frames(frames, layout)
     z = torch.randn(
         1, vae.config.latent_channels, n_lat, size // 8, size // 8, generator=torch.Generator().manual_seed(1)
     )
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small run: frames 9,36 at 64x64, whole <= 36")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = torch default)")
     ap.add_argument("--timeout", type=float, default=3600, help="per-case timeout in seconds")
+    ap.add_argument("--layout", choices=("v2", "slice"), default="v2", help="V2 9->3 chunks or the slice VAE")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -184,21 +199,24 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
 
-    frames = _int_list(args.frames) if args.frames else ([9, 36] if args.quick else [9, 36, 72, 144])
+    slice_layout = args.layout == "slice"
+    default_frames = ([17, 145] if slice_layout else [9, 36] if args.quick else [9, 36, 72, 144])
+    frames = _int_list(args.frames) if args.frames else default_frames
     size = args.size or (64 if args.quick else 128)
     max_whole = min(args.max_whole_frames, 36) if args.quick else args.max_whole_frames
     smooth_frames = set(_int_list(args.smooth_frames))
-    bad = [f for f in frames if f != 1 and f % 9]
+    bad = [f for f in frames if f != 1 and ((f - 1) % 8 if slice_layout else f % 9)]
+    rule = "1 + 8k" if slice_layout else "multiples of 9"
     if bad or size % 8:
-        ap.error(f"frames must be 1 or multiples of 9 (got {bad}); size a multiple of 8 (got {size})")
+        ap.error(f"frames must be 1 or {rule} (got {bad}); size a multiple of 8 (got {size})")
 
     plan = []
     for f in frames:
-        plan.append({"path": "pipeline", "smooth": False, "frames": f, "size": size})
-        if f in smooth_frames:
+        plan.append({"path": "pipeline", "smooth": False, "frames": f, "size": size, "layout": args.layout})
+        if f in smooth_frames and not slice_layout:
             plan.append({"path": "pipeline", "smooth": True, "frames": f, "size": size})
         if not args.no_whole:
-            plan.append({"path": "whole", "frames": f, "size": size})
+            plan.append({"path": "whole", "frames": f, "size": size, "layout": args.layout})
     results, skipped = [], []
     t_all = time.perf_counter()
     for case in plan:
@@ -232,9 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         if row:
             summary[label + "_peak_mb"] = row
     p9, p144 = peak("pipeline", 9), peak("pipeline", 144)
+    p17, p145 = peak("pipeline", 17), peak("pipeline", 145)
     report = {
         "benchmark": "vae_decode_memory",
-        "model": "AutoencoderKLMagvit, official EasyAnimate V2 VAE config, random weights, fp32, CPU, no_grad, batch 1",
+        "model": "AutoencoderKLMagvit, official EasyAnimate V2 VAE config"
+        + (" with slice_compression_vae (8 -> 2 per slice)" if slice_layout else "")
+        + ", random weights, fp32, CPU, no_grad, batch 1",
+        "layout": args.layout,
         "size": size,
         "frames": frames,
         "measurement": MEASUREMENT,
@@ -242,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         **summary,
         "ratio_144_vs_9": round(p144 / p9, 3) if p9 and p144 else None,
+        "ratio_145_vs_17": round(p145 / p17, 3) if p17 and p145 else None,
         "acceptance_ratio_144_vs_9_max": 1.2,
         "total_wall_s": round(time.perf_counter() - t_all, 1),
         "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
