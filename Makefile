@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean docker-engine images test-containers
 
 setup: $(STAMP)
 
@@ -28,6 +28,23 @@ browser:
 
 test: setup browser
 	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
+
+# Containers (README "Containers"): a Docker engine (installed and started here when missing: no bridge network,
+# containers use the host's loopback), both images from one CUDA flavour, then the container tests.
+FLAVOUR ?= cpu
+REGISTRY ?=
+docker-engine:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null)
+	@docker info >/dev/null 2>&1 || { (setsid dockerd --bridge=none --iptables=false --ip-masq=false \
+		>/tmp/easyanimate-dockerd.log 2>&1 &); for i in $$(seq 60); do docker info >/dev/null 2>&1 && break; \
+		sleep 1; done; docker info >/dev/null 2>&1 || { tail -20 /tmp/easyanimate-dockerd.log; exit 1; }; }
+
+images: setup docker-engine
+	FLAVOUR=$(FLAVOUR) REGISTRY=$(REGISTRY) PY=$(PY) infra/docker/build_images.sh
+
+test-containers: images
+	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -m containers tests/containers
 
 lint: setup
 	$(VENV)/bin/ruff check easyanimate components pipelines serving tests bench

@@ -200,10 +200,22 @@ def serve(
                                         "(0 = off)"),
     exit_timeout: int = typer.Option(30, "--exit-timeout", help="seconds a stop may take before the processes are "
                                      "killed (in-flight generations stop at their next step at once)"),
+    docker: bool = typer.Option(False, "--docker", help="run the server in the Triton image (`make images`; "
+                                "$EASYANIMATE_TRITON_IMAGE overrides), host network, --host loopback by default"),
 ) -> None:
     """Serve the model with the bundled tritonserver (KServe v2 HTTP + gRPC) until Ctrl-C / SIGTERM."""
     import signal
 
+    if docker:
+        _serve_docker(model, host=host, ports=(http_port, grpc_port, metrics_port), tracking_uri=tracking_uri,
+                      lora_dir=lora_dir)
+        return
+
+    if model.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise typer.BadParameter(f"{model} needs an MLflow server: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
+                                 "(nothing is created in this folder)", param_hint="--tracking-uri")
+    if model != "tiny" and not model.startswith("models:/"):
+        _pipeline_folder(model)
     from serving.launch import TritonLaunchError, TritonServer
     from serving.supervisor import Endpoint
 
@@ -243,6 +255,42 @@ def serve(
     finally:
         server.stop()
         typer.echo("stopped", err=True)
+
+
+def _serve_docker(model: str, *, host: str, ports: tuple, tracking_uri: str | None, lora_dir: Path | None) -> None:
+    """``serve --docker``: the same command in the Triton image (serving/container.py); free ports when not given.
+    Every other option given here is passed on to `serve` in the container as it was given."""
+    import click
+
+    from serving.container import serve_in_docker
+    from serving.mlflow_local import free_port
+
+    ctx = click.get_current_context()
+    own = {"model", "host", "http_port", "grpc_port", "metrics_port", "tracking_uri", "lora_dir", "log", "docker"}
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in own or value is None or value == param.default:
+            continue
+        if getattr(param, "is_flag", False):
+            flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
+            args += [flag] if flag else []
+        else:
+            args += [param.opts[0], str(value)]
+    if lora_dir is not None:
+        raise typer.BadParameter("--lora-dir is not mounted into the container; run without --docker",
+                                 param_hint="--lora-dir")
+    http_port, grpc_port, metrics_port = (p or free_port() for p in ports)
+    typer.echo(json.dumps({"http": f"http://{host}:{http_port}", "grpc": f"{host}:{grpc_port}",
+                           "metrics": f"http://{host}:{metrics_port}/metrics", "docker": True}), err=True)
+    try:
+        code = serve_in_docker(model, host=host, http_port=http_port, grpc_port=grpc_port,
+                               metrics_port=metrics_port, tracking_uri=tracking_uri, serve_args=args)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

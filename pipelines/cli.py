@@ -100,9 +100,15 @@ def _first(tasks: dict[str, dict[str, Any]], prefix: str, output: str) -> Any:
 
 def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: str | None = None,
               preset: str = "tiny", overrides: str | Sequence[str] | None = None, num_shards: int = 2,
-              tracking_uri: str | None = None, **params: Any) -> dict[str, Any]:
+              tracking_uri: str | None = None, docker: bool = False, **params: Any) -> dict[str, Any]:
     """Run the whole pipeline on this machine with ``kfp.local.SubprocessRunner(use_venv=False)`` (each task a
     subprocess of this Python; no pip, no Docker) and return what it produced.
+
+    ``docker=True``: every task runs in the component image (``components.BASE_IMAGE``: ``$EASYANIMATE_IMAGE`` at
+    import, else ``easyanimate-mlops:<version>``; ``make images`` builds it) with ``kfp.local.DockerRunner``: host
+    network (MLflow on this machine's loopback), only ``pipeline_root`` mounted (at the same path: the runner's
+    artifact store), the image's non-root user. ``tracking_uri`` must then be an ``http(s)://`` server that proxies
+    artifacts (``mlflow server --artifacts-destination …``), and ``data`` must lie inside ``pipeline_root``.
 
     ``data`` defaults to the packaged sample dataset (written under ``pipeline_root``); ``tracking_uri`` to
     ``$MLFLOW_TRACKING_URI``, else a SQLite store ``<pipeline_root>/mlflow.db``. Other keyword arguments are pipeline
@@ -121,7 +127,9 @@ def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: st
 
         data = str(write_sample_dataset(root / "sample_data"))
     if tracking_uri is None:
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or (None if docker else f"sqlite:///{root / 'mlflow.db'}")
+    if docker:
+        _check_docker_inputs(root, Path(data), tracking_uri)
     from components.mlflow_tracker import bound_http_retries, check_tracking
 
     bound_http_retries()  # the tasks inherit it: an MLflow outage fails a call in seconds, not minutes
@@ -134,7 +142,11 @@ def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: st
     from pipelines.train_pipeline import PIPELINE_NAME, train_pipeline
 
     before = set(root.glob(f"{PIPELINE_NAME}-*"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    if docker:
+        runner = _docker_runner(root, tracking_uri)
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     # tasks are subprocesses of this Python: they must import components/ and serving/ from this checkout, and
     # trainers keep their work folders inside the pipeline root. MLflow's SQL registry store resolves a new
     # version's logged model through the *default* tracking URI, so that must be this run's store too.
@@ -165,6 +177,56 @@ def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: st
         "model": _local_path(model.get("uri")),
         "tasks": tasks,
     }
+
+
+# environment the tasks get in their containers (beside the tracking URI and the work folder), when set here
+_DOCKER_PASS_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_HTTP_REQUEST_TIMEOUT", "EASYANIMATE_TRACEBACK")
+
+
+def _check_docker_inputs(root: Path, data: Path, tracking_uri: str | None) -> None:
+    if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
+        raise ValueError(f"--docker needs an MLflow server (http://…) that the containers reach, e.g. "
+                         f"`mlflow server --artifacts-destination DIR --host 127.0.0.1 --port 5000` and "
+                         f"--tracking-uri http://127.0.0.1:5000; got {tracking_uri or 'none'}")
+    if not data.resolve().is_relative_to(root):
+        raise ValueError(f"--docker mounts only the pipeline root ({root}) into the containers; --data "
+                         f"{data} lies outside it: copy it under the pipeline root")
+
+
+def _docker_runner(root: Path, tracking_uri: str):
+    """``kfp.local.DockerRunner`` for the component image: host network, the image's non-root user (the pipeline
+    root is handed to it), the tracking URI, the work folder inside the pipeline root."""
+    import subprocess
+
+    from kfp import local
+
+    from components import BASE_IMAGE
+
+    try:
+        user = subprocess.run(["docker", "image", "inspect", "-f", "{{.Config.User}}", BASE_IMAGE],
+                              capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise RuntimeError("--docker needs the docker CLI and a running Docker engine") from None
+    if user.returncode != 0:
+        raise RuntimeError(f"component image {BASE_IMAGE} is not on this Docker engine ({user.stderr.strip()}); "
+                           f"build it with `make images` (or set EASYANIMATE_IMAGE to a pulled tag)")
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "EASYANIMATE_WORKDIR": str(root / "work")}
+    env.update({k: os.environ[k] for k in _DOCKER_PASS_ENV if k in os.environ})
+    run_args: dict[str, Any] = {"network_mode": "host", "environment": env}
+    image_user = user.stdout.strip()
+    if os.getuid() != 0:  # the invoking user owns what the tasks write
+        run_args["user"] = f"{os.getuid()}:{os.getgid()}"
+        env["HOME"] = "/tmp"
+    elif image_user and image_user.split(":")[0] not in ("0", "root"):
+        uid, _, gid = image_user.partition(":")
+        for path in (root, *root.rglob("*")):  # the image's user writes the task outputs into the root
+            os.chown(path, int(uid), int(gid or uid), follow_symlinks=False)
+    else:
+        raise RuntimeError(f"component image {BASE_IMAGE} runs as root ({image_user or 'no USER'}); "
+                           f"the images built by `make images` run as uid 1000")
+    return local.DockerRunner(**run_args)
 
 
 def _local_experiment(tracking_uri: str, name: str, artifacts: Path) -> None:
@@ -234,7 +296,11 @@ def compile_cmd(out: Path = typer.Option(Path("easyanimate-train.yaml"), "--out"
 
 @app.command("run")
 def run_cmd(
-    local: bool = typer.Option(False, "--local", help="run on this machine with kfp.local (required)"),
+    local: bool = typer.Option(False, "--local", help="run on this machine with kfp.local"),
+    docker: bool = typer.Option(False, "--docker", help="run on this machine with kfp.local, every step in the "
+                                "component image (DockerRunner; `make images`); needs --tracking-uri http://…"),
+    image: str | None = typer.Option(None, "--image", help="component image for --docker (default: "
+                                     "$EASYANIMATE_IMAGE, else easyanimate-mlops:<version>)"),
     pipeline_root: Path = typer.Option(DEFAULT_LOCAL_ROOT, "--pipeline-root", help="where task outputs land"),
     data: str | None = DataOpt, preset: str | None = PresetOpt, overrides: list[str] | None = SetOpt,
     num_shards: int | None = ShardsOpt, train_vae: bool | None = VaeOpt, lora: bool | None = LoraOpt,
@@ -242,18 +308,28 @@ def run_cmd(
     model_name: str | None = NameOpt,
 ) -> None:
     """Run the whole pipeline locally; prints the outputs (run ids, model version, metrics, paths) as JSON."""
-    if not local:
-        raise typer.BadParameter("only --local runs here; use `submit --host URL` for a Kubeflow cluster",
-                                 param_hint="--local")
+    if not (local or docker):
+        raise typer.BadParameter("only --local or --docker runs here; use `submit --host URL` for a Kubeflow "
+                                 "cluster", param_hint="--local")
+    if image:  # before components is imported: the image is read at import
+        os.environ["EASYANIMATE_IMAGE"] = image
     from components.mlflow_tracker import TrackingUnavailable
 
     try:
         result = run_local(pipeline_root=pipeline_root, data=data, preset=preset or "tiny",
                            overrides=overrides or [], num_shards=num_shards or 2, tracking_uri=tracking_uri,
-                           train_vae=train_vae, lora=lora, experiment=mlflow_experiment, model_name=model_name)
-    except TrackingUnavailable as exc:
+                           train_vae=train_vae, lora=lora, experiment=mlflow_experiment, model_name=model_name,
+                           docker=docker)
+    except (TrackingUnavailable, ValueError) as exc:
+        if not (docker or isinstance(exc, TrackingUnavailable)):
+            raise
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except RuntimeError as exc:
+        if not docker:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     result.pop("tasks")
     typer.echo(json.dumps(result, indent=1, default=str))
 

@@ -37,8 +37,11 @@ class MlflowServer:
     """``mlflow server`` on a free loopback port; the store and artifacts live under ``root``."""
 
     def __init__(self, root: str | Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout: float = 90.0):
+                 startup_timeout: float = 90.0, proxy_artifacts: bool = False):
         self.root = Path(root).resolve()
+        # proxy_artifacts: clients up/download artifacts through the server (mlflow-artifacts:/) instead of writing
+        # to its folder — what clients in containers need (they cannot see this machine's paths)
+        self.proxy_artifacts = proxy_artifacts
         self.host, self.port = host, port or free_port(host)
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
@@ -57,7 +60,10 @@ class MlflowServer:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--default-artifact-root", str(self.root / "artifacts"), "--host", self.host, "--port", str(self.port),
+             *(["--artifacts-destination", str(self.root / "artifacts"), "--default-artifact-root",
+                "mlflow-artifacts:/"] if self.proxy_artifacts else
+               ["--default-artifact-root", str(self.root / "artifacts")]),
+             "--host", self.host, "--port", str(self.port),
              "--workers", "1"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
