@@ -211,11 +211,6 @@ def serve(
                       lora_dir=lora_dir)
         return
 
-    if model.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        raise typer.BadParameter(f"{model} needs an MLflow server: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
-                                 "(nothing is created in this folder)", param_hint="--tracking-uri")
-    if model != "tiny" and not model.startswith("models:/"):
-        _pipeline_folder(model)
     from serving.launch import TritonLaunchError, TritonServer
     from serving.supervisor import Endpoint
 
