@@ -675,7 +675,7 @@ class Front:
                               if path.startswith("/v2/") else 404)
             if match.groupdict().get("model") is not None:
                 _model(self.specs, match["model"], match.groupdict().get("version") or "")
-            return await self._forward(request, None, None)
+            return await self._forward(request, None, None, path.rstrip("/") or "/")
         if method != "POST":
             raise Refused("route", f"{method} is not accepted here (GET or POST)", 405)
         match = _INFER.match(path)
@@ -706,9 +706,11 @@ class Front:
         if self._http_slots.locked():
             raise Refused("busy", f"{self.limits.max_concurrent} requests are in flight: retry later", 503)
         async with self._http_slots:
-            return await self._forward(request, header, binary)
+            return await self._forward(request, header, binary, path.rstrip("/"))
 
-    async def _forward(self, request, header: bytes | None, binary: bytes | None):
+    async def _forward(self, request, header: bytes | None, binary: bytes | None, path: str):
+        """Send the checked request on to Triton: ``path`` is one of the public routes with a served model name
+        (checked), the body is the re-serialized header + binary part; only our own headers go on."""
         import aiohttp
         from aiohttp import web
 
@@ -723,7 +725,7 @@ class Front:
             if binary is not None:
                 headers["Inference-Header-Content-Length"] = str(len(header))
         try:
-            async with self._session.request(request.method, upstream.http_url + request.path, data=data,
+            async with self._session.request(request.method, upstream.http_url + path, data=data,
                                              headers=headers) as up:
                 out = web.StreamResponse(status=up.status)
                 for name in ("Content-Type", "Inference-Header-Content-Length", "Content-Length"):
@@ -819,6 +821,8 @@ class Front:
                     return self._grpc_refuse(context, refused)
                 message.DiscardUnknownFields()
                 raw = message.SerializeToString()
+            else:
+                raw = b""  # ServerReady / ServerMetadata requests have no fields: nothing of the client's goes on
             return self._grpc_call(name, raw, context)
 
         return handler

@@ -73,16 +73,20 @@ class Report:
     seconds: float = 0.0
     batches: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)  # cases after which check() failed
+    server_errors: list[dict[str, Any]] = field(default_factory=list)  # 5xx / INTERNAL / UNKNOWN: (index, mutation)
 
     def record(self, case: Case, outcome: str) -> None:
         self.cases += 1
         self.outcomes[outcome] += 1
         self.by_mutation.setdefault(case.mutation, Counter())[outcome] += 1
+        if outcome.startswith("http:5") and outcome != "http:503" or outcome in ("grpc:INTERNAL", "grpc:UNKNOWN"):
+            if len(self.server_errors) < 20:
+                self.server_errors.append({"index": case.index, "mutation": case.mutation, "outcome": outcome})
 
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "cases": self.cases, "seconds": round(self.seconds, 1), "batches": self.batches,
                 "outcomes": dict(self.outcomes.most_common()), "mutations": len(self.by_mutation),
-                "failures": self.failures}
+                "failures": self.failures, "server_errors": self.server_errors}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
