@@ -98,6 +98,20 @@ def _first(tasks: dict[str, dict[str, Any]], prefix: str, output: str) -> Any:
     return None
 
 
+def _without_retries(pipeline_module, pipeline):
+    """The pipeline rebuilt without task retries (kfp builds the graph when the pipeline is defined): retries are for
+    preempted pods on a cluster; locally a failed task (MLflow gone, bad data) ends the run at once instead of
+    sleeping 60-240 s between attempts."""
+    from kfp import dsl
+
+    retries = dict(pipeline_module.RETRIES)
+    pipeline_module.RETRIES.clear()
+    try:
+        return dsl.pipeline(name=pipeline.name, description=pipeline.description)(pipeline.pipeline_func)
+    finally:
+        pipeline_module.RETRIES.update(retries)
+
+
 def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: str | None = None,
               preset: str = "tiny", overrides: str | Sequence[str] | None = None, num_shards: int = 2,
               tracking_uri: str | None = None, docker: bool = False, **params: Any) -> dict[str, Any]:
@@ -139,6 +153,7 @@ def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: st
     args = pipeline_arguments(data=str(data), preset=preset, overrides=overrides, num_shards=num_shards,
                               tracking_uri=tracking_uri, **params)
 
+    from pipelines import train_pipeline as pipeline_module
     from pipelines.train_pipeline import PIPELINE_NAME, train_pipeline
 
     before = set(root.glob(f"{PIPELINE_NAME}-*"))
@@ -157,7 +172,7 @@ def run_local(*, pipeline_root: str | os.PathLike = DEFAULT_LOCAL_ROOT, data: st
         # retries, PVCs) are ignored — they are in the compiled YAML
         warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
         warnings.filterwarnings("ignore", message="Task .* have no effect in the current local runner")
-        train_pipeline(**args)
+        _without_retries(pipeline_module, train_pipeline)(**args)
     runs = sorted(set(root.glob(f"{PIPELINE_NAME}-*")) - before)
     if not runs:
         raise RuntimeError(f"the local run left no folder under {root}")

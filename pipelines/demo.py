@@ -5,6 +5,8 @@
 3. compile the Kubeflow pipeline to IR YAML (what users upload in the Kubeflow UI);
 4. run the whole pipeline locally with kfp's SubprocessRunner on the `tiny` preset: preprocess shards → merge →
    train VAE → train DiT → evaluate → register (alias `challenger`, `champion` when the gates pass);
+   then register what a broken run would ship (the untrained weights), evaluated the same way: the tiny preset's
+   gates reject it, so it stays `challenger` and `champion` does not move;
 5. start the local Triton server on `models:/easyanimate@champion` and generate a video through its gRPC streaming
    endpoint (progress per denoising step);
 6. print where everything is, then stop Triton and MLflow (``keep_mlflow=True`` leaves MLflow up for its UI).
@@ -68,6 +70,9 @@ def run_demo(out: str | Path = "outputs/demo", *, train_vae: bool = True, keep_m
         _say(f"registered easyanimate version {run['model_version']} (champion: {run['champion']}); "
              f"metrics: {json.dumps(run['metrics'])}")
 
+        if run["champion"]:
+            result.update(_rejected_challenger(mlflow.uri, run["dataset"], out, DEMO_OVERRIDES + list(overrides or [])))
+
         video = out / "demo.mp4"
         model_uri = "models:/easyanimate@champion" if run["champion"] else f"models:/easyanimate/{run['model_version']}"
         result["served_model"] = model_uri
@@ -85,6 +90,37 @@ def run_demo(out: str | Path = "outputs/demo", *, train_vae: bool = True, keep_m
             result["mlflow_stopped_cleanly"] = mlflow.stop()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def _rejected_challenger(tracking_uri: str, dataset: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """Register the untrained tiny weights (what a run that never learned would ship), evaluated like the pipeline's
+    version, and let the gates decide: they reject it, it stays ``challenger``, ``champion`` stays put."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from components._runtime import gates
+    from easyanimate.config import load_config
+    from easyanimate.evaluate import evaluate
+    from easyanimate.pipeline import build_pipeline
+    from serving.registry import CHAMPION, promote_if_better, register_pipeline
+
+    cfg = load_config("tiny", overrides)
+    folder = build_pipeline(cfg.model).save_pretrained(out / "untrained_pipeline")
+    _say("registering the untrained weights as a challenger (what a broken run would ship) and evaluating them …")
+    metrics = evaluate(cfg, folder, Path(dataset) / "meta.json", out / "untrained_eval")
+    values = {k: float(v) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k != "seconds"}
+    mv = register_pipeline(folder, tracking_uri=tracking_uri, name=cfg.register.model_name, metrics=values,
+                           tags={"preset": "tiny", "note": "demo: untrained weights"}, experiment="easyanimate-demo")
+    limits, higher = gates(cfg.evaluate)
+    promoted, reasons = promote_if_better(cfg.register.model_name, mv.version, values, limits,
+                                          tracking_uri=tracking_uri, higher_is_better=higher)
+    champion = MlflowClient(tracking_uri).get_model_version_by_alias(cfg.register.model_name, CHAMPION).version
+    _say(f"version {mv.version} (untrained): {'PROMOTED' if promoted else 'rejected'} — {'; '.join(reasons)}; "
+         f"champion is version {champion}")
+    return {"rejected_version": mv.version, "rejected_promoted": promoted, "rejected_reasons": reasons,
+            "champion_version": champion}
 
 
 def _generate_through_triton(model_uri: str, tracking_uri: str, video: Path) -> dict[str, Any]:

@@ -112,11 +112,16 @@ def fvd_file(tmp_path_factory) -> Path:
     return path
 
 
+# random weights would fail the tiny preset's gates; these tests are about the metrics, so the gates are opened
+OPEN_GATES = ["evaluate.gate_max_val_loss=1e9", "evaluate.gate_min_vae_psnr=0", "evaluate.gate_max_flicker=1e9"]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, pipeline_folder, meta, clip_folder, fvd_file):
     """One evaluation with every metric on (CLIPScore and FVD too), logged to a JsonlTracker."""
     out = tmp_path_factory.mktemp("eval_out")
-    cfg = load_config("tiny", [*FAST, f"evaluate.clip_model={clip_folder}", f"evaluate.fvd_model={fvd_file}"])
+    cfg = load_config("tiny", [*FAST, f"evaluate.clip_model={clip_folder}", f"evaluate.fvd_model={fvd_file}",
+                               *OPEN_GATES])
     tracker = JsonlTracker(out / "tracking")
     return cfg, out, tracker, evaluate(cfg, pipeline_folder, meta, out, tracker=tracker)
 
@@ -197,7 +202,7 @@ def test_evaluate_produces_finite_metrics_and_files(full_run):
     assert 0 < on_file["vae_psnr"] < 100 and -1 <= on_file["vae_ssim"] <= 1
     assert on_file["val_loss"] > 0 and 0 <= on_file["flicker_score"] <= 1 and on_file["motion"] >= 0
     assert 0 <= on_file["clip_score"] <= 100 and on_file["fvd"] > -1e-3
-    assert on_file["gates_passed"] == 1.0 and result["gate_reasons"] == []  # the tiny preset's gates are open
+    assert on_file["gates_passed"] == 1.0 and result["gate_reasons"] == []  # the gates opened for random weights
     assert result["seconds"] < 60
 
     e = cfg.evaluate
