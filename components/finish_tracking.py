@@ -11,7 +11,7 @@ def finish_tracking(tracking_uri: str, experiment: str, kfp_run_id: str, status:
     """Runs after every other task, whatever happened: FINISHED when the pipeline succeeded, FAILED/KILLED
     otherwise. An exit task may not consume task outputs, so the parent run is found by its ``kfp_run_id`` tag.
     Returns the MLflow status written."""
-    from components import _runtime as rt
+    from components.glue import tracking
 
     final = {"state": status.state, "error": {"message": status.error_message}}
-    return rt.end_pipeline_run(tracking_uri, experiment, kfp_run_id, final)
+    return tracking.end_pipeline_run(tracking_uri, experiment, kfp_run_id, final)

@@ -155,6 +155,10 @@ class MlflowTracker:
         tags (`dict`, optional): tags set on the run (new or attached).
         end_on_close (`bool`, optional): whether ``close()`` terminates the run; default True for a run this tracker
             created, False for an attached one.
+        system_metrics (`bool`, optional): sample CPU/memory/disk/network (and GPU when present) into the run's
+            ``system/*`` metrics every ``system_metrics_interval`` seconds until ``close()`` (MLflow's
+            ``SystemMetricsMonitor``; default: ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, else 10 s); for training
+            runs.
     """
 
     def __init__(
@@ -167,6 +171,8 @@ class MlflowTracker:
         parent_run_id: str | None = None,
         tags: dict[str, Any] | None = None,
         end_on_close: bool | None = None,
+        system_metrics: bool = False,
+        system_metrics_interval: float | None = None,
     ) -> None:
         bound_http_retries()
         self.client = MlflowClient(tracking_uri)
@@ -193,6 +199,14 @@ class MlflowTracker:
         self.run_id: str = run.info.run_id
         self.experiment_id: str = run.info.experiment_id
         self.closed = False
+        self._monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            interval = system_metrics_interval or float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                                 tracking_uri=self.tracking_uri)
+            self._monitor.start()
 
     # ------------------------------------------------------------------------------------------------------------------
     # the Tracker protocol
@@ -254,10 +268,28 @@ class MlflowTracker:
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {sorted(_STATUSES)}, got {status!r}")
         self.closed = True
+        if self._monitor is not None:  # the last samples are flushed before the run ends
+            self._monitor.finish()
+            self._monitor = None
         if self.end_on_close:
             self.client.set_terminated(self.run_id, status=status)
 
     # ------------------------------------------------------------------------------------------------------------------
+
+    def log_input(self, name: str, *, digest: str, source: str, source_type: str = "local", context: str = "training",
+                  schema: dict[str, Any] | None = None, profile: dict[str, Any] | None = None) -> None:
+        """Record a dataset this run read (``mlflow.log_input``: the run's Dataset column and the "Datasets used"
+        panel). ``digest`` is the data version; MLflow keeps 36 characters of it (the full value goes to
+        ``profile["data_version"]``). ``schema``: an MLflow ``Schema.to_dict()`` list; ``context``: training,
+        evaluation, preprocessing…"""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = {"data_version": digest, **(profile or {})}
+        short = digest.split(":", 1)[-1][:36]
+        dataset = Dataset(name=name, digest=short, source_type=source_type, source=json.dumps({"uri": source}),
+                          schema=json.dumps({"mlflow_colspec": schema}) if schema else None,
+                          profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Set run tags (overwritable, unlike params)."""

@@ -11,6 +11,6 @@ def plan_shards(source: str, num_shards: int) -> list:
     name; ``v`` versions the input folder (its DVC md5, else a digest of every file's name, size and mtime). The
     preprocess shards take ``v`` as an input, so KFP's cache can only reuse a shard of unchanged data. (One list
     output: ``kfp.local`` iterates over a task's single ``Output`` only.)"""
-    from components import _runtime as rt
+    from components.glue import data
 
-    return rt.shard_plan(source, num_shards)
+    return data.shard_plan(source, num_shards)

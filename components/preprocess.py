@@ -13,11 +13,12 @@ def preprocess(source: str, data_version: str, shard: str, preset: str, override
     scores.parquet, rejects.csv, summary.json). No MLflow run here: it is a pure function of its inputs — among them
     ``data_version`` (from ``plan_shards``) — so KFP may cache it; ``merge`` logs the preprocessing run with every
     shard's summary."""
-    from components import _runtime as rt
+    from components.glue import artifacts, data, reports, settings
     from easyanimate.preprocess.run import parse_shard, run_preprocess
 
-    cfg = rt.config(preset, overrides)
+    cfg = settings.config(preset, overrides)
     summary = run_preprocess(source, shard_data.path, cfg.preprocess, shard=parse_shard(shard), progress=False)
     shard_data.metadata.update({"shard": shard, "source": source, "data_version": data_version,
-                                "dvc_data_hash": rt.dvc_hash(source), **rt.scalars(summary)})
-    rt.markdown_report(report, f"Preprocess shard {shard}", rt.scalars(summary), notes=[f"source: {source}"])
+                                "dvc_data_hash": data.dvc_hash(source), **artifacts.scalars(summary)})
+    reports.markdown_report(report, f"Preprocess shard {shard}", artifacts.scalars(summary),
+                            notes=[f"source: {source}"])

@@ -10,9 +10,9 @@ def start_tracking(tracking_uri: str, experiment: str, run_name: str, kfp_run_id
                    data: str, num_shards: int, train_vae: bool, lora: bool, model_name: str) -> str:
     """Create the parent run (RUNNING until ``finish_tracking``), log the resolved config and the pipeline
     parameters; returns the parent run id."""
-    from components import _runtime as rt
+    from components.glue import settings, tracking
 
-    cfg = rt.config(preset, overrides)
+    cfg = settings.config(preset, overrides)
     params = {"data": data, "num_shards": num_shards, "train_vae": train_vae, "lora": lora, "model_name": model_name,
               "overrides": overrides}
-    return rt.start_pipeline_run(tracking_uri, experiment, run_name, cfg, params, tags={"kfp_run_id": kfp_run_id})
+    return tracking.start_pipeline_run(tracking_uri, experiment, run_name, cfg, params, tags={"kfp_run_id": kfp_run_id})

@@ -14,17 +14,19 @@ def train_dit(dataset: Input[Dataset], preset: str, overrides: str, tracking_uri
     folder as a Model artifact (a LoRA run: base + LoRA merged, LoRA files under ``lora/``). ``launcher``:
     "local" trains in this pod; "trainjob" runs ``accelerate launch … -m easyanimate train-dit`` as a Kubeflow
     Trainer TrainJob (``infra/k8s/trainjob.yaml``) on ``trainjob_nodes`` × ``trainjob_gpus_per_node`` GPUs and waits."""
-    from components import _runtime as rt
+    from components.glue import artifacts, models, reports, settings, tracking, trainjob
     from easyanimate.train.dit import train_dit as run
 
-    work = rt.workdir(parent_run_id, "train_dit")
-    cfg = rt.pipeline_with_vae(rt.config(preset, overrides), vae.path if vae else None, work)
-    with rt.step_run(tracking_uri, parent_run_id, "train_dit", cfg, tags={"lora": lora}) as tracker:
+    work = artifacts.workdir(parent_run_id, "train_dit")
+    cfg = models.pipeline_with_vae(settings.config(preset, overrides), vae.path if vae else None, work)
+    with tracking.step_run(tracking_uri, parent_run_id, "train_dit", cfg, tags={"lora": lora}, dataset=dataset,
+                           system_metrics=True) as tracker:
         if launcher == "trainjob":
-            summary = rt.train_dit_trainjob(cfg, preset, overrides, rt.meta_path(dataset), work, lora, trainjob_nodes,
-                                            trainjob_gpus_per_node, trainjob_image, tracker)
+            summary = trainjob.train_dit_trainjob(cfg, preset, overrides, artifacts.meta_path(dataset), work, lora,
+                                                  trainjob_nodes, trainjob_gpus_per_node, trainjob_image, tracker)
         else:
-            summary = run(cfg, rt.meta_path(dataset), work / "run", resume="latest", lora=lora, tracker=tracker)
-        link = rt.run_link(tracker)
-    rt.export_pipeline(cfg, summary["final"], pipeline, lora, mlflow_run=link)
-    rt.markdown_report(report, "DiT training", rt.log_kfp_metrics(metrics, summary), links={"MLflow run": link})
+            summary = run(cfg, artifacts.meta_path(dataset), work / "run", resume="latest", lora=lora, tracker=tracker)
+        link = tracking.run_link(tracker)
+    models.export_pipeline(cfg, summary["final"], pipeline, lora, mlflow_run=link)
+    values = artifacts.log_kfp_metrics(metrics, summary)
+    reports.markdown_report(report, "DiT training", values, links={"MLflow run": link})

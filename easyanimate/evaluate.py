@@ -338,8 +338,25 @@ def generate_samples(pipe, cfg: Config) -> list[np.ndarray]:
     return videos
 
 
+PREVIEW_MIN_SIDE = 256  # the animated previews are upscaled (nearest) to at least this many pixels a side
+
+
+def preview_gif(frames: np.ndarray, fps: int, min_side: int = PREVIEW_MIN_SIDE) -> bytes:
+    """An endlessly looping animated GIF of uint8 ``(F, H, W, 3)`` frames, upscaled by a whole factor (nearest) to
+    at least ``min_side`` pixels a side: MLflow's artifact viewer shows it inline, where it cannot play an MP4."""
+    from PIL import Image
+
+    scale = max(1, -(-min_side // min(frames.shape[1:3])))
+    images = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=max(20, round(1000 / max(1, fps))))
+    return buf.getvalue()
+
+
 def write_samples(videos: Sequence[np.ndarray], cfg: Config, output: Path) -> tuple[list[Path], Path]:
-    """``output/samples/prompt-<k>.mp4`` (``.png`` for 1 frame) + ``samples/prompts.json``, and the contact sheet."""
+    """``output/samples/prompt-<k>.mp4`` (``.png`` for 1 frame) with a looping ``prompt-<k>.gif`` preview (≥ 256 px)
+    + ``samples/prompts.json`` (file, preview, prompt, seed), and the contact sheet → (sample paths, sheet)."""
     from PIL import Image
 
     e = cfg.evaluate
@@ -349,7 +366,12 @@ def write_samples(videos: Sequence[np.ndarray], cfg: Config, output: Path) -> tu
         path = folder / f"prompt-{k:02d}{'.png' if len(video) == 1 else '.mp4'}"
         write_video(path, video, fps=cfg.generate.fps)
         paths.append(path)
-        index.append({"file": path.name, "prompt": prompt, "seed": e.seed + k})
+        entry = {"file": path.name, "prompt": prompt, "seed": e.seed + k}
+        if len(video) > 1:
+            gif = folder / f"prompt-{k:02d}.gif"
+            atomic_write_bytes(gif, preview_gif(to_uint8_frames(video), cfg.generate.fps))
+            entry["preview"] = gif.name
+        index.append(entry)
     atomic_write_bytes(folder / "prompts.json", (json.dumps(index, indent=1) + "\n").encode())
     buf = io.BytesIO()
     Image.fromarray(contact_sheet(videos)).save(buf, format="PNG")
@@ -447,7 +469,7 @@ def evaluate(cfg: Config, model: str | Path, data: str | Path | None, output: st
     # 8. the metrics file, and the tracker
     metrics_path = write_metrics(output / METRICS_FILE, metrics)
     tracker.log_metrics(metrics, 0)
-    for path in sample_paths:
+    for path in sorted((output / "samples").iterdir()):  # MP4s, their GIF previews, prompts.json
         tracker.log_artifact(path, "samples")
     tracker.log_artifact(sheet, "samples")
     tracker.log_artifact(metrics_path, "eval")

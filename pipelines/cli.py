@@ -29,7 +29,7 @@ def _overrides_json(overrides: str | Sequence[str] | None) -> str:
     if overrides is None:
         return "[]"
     if isinstance(overrides, str):
-        from components._runtime import parse_overrides
+        from components.glue.settings import parse_overrides
 
         return json.dumps(parse_overrides(overrides))
     return json.dumps([str(o) for o in overrides])

@@ -32,7 +32,7 @@ from components.train_vae import train_vae as train_vae_op
 PIPELINE_NAME = "easyanimate-train"
 DEFAULT_TRACKING_URI = "http://mlflow.easyanimate.svc.cluster.local:5000"  # infra/k8s/mlflow.yaml
 DATA_MOUNT = "/data"  # the data PVC (raw videos) on preprocess tasks
-WORK_MOUNT = "/mnt/work"  # the work PVC (checkpoints, TrainJob exchange) on training tasks; see components/_runtime
+WORK_MOUNT = "/mnt/work"  # the work PVC (checkpoints, TrainJob exchange); see components/glue/artifacts.py
 GPU = "nvidia.com/gpu"
 # MLflow credentials of the pipeline's user (infra/k8s/mlflow.yaml runs MLflow with basic auth); optional, so a
 # cluster with an open MLflow (or the platform's auth in front) runs without the Secret

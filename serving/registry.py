@@ -237,7 +237,7 @@ def register_pipeline(
             client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
         try:
-            client.create_registered_model(name, description="EasyAnimate V2 text-to-video pipelines")
+            client.create_registered_model(name, description=MODEL_DESCRIPTION)
         except MlflowException as e:
             if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
@@ -380,11 +380,36 @@ def promote_if_better(
         client.set_registered_model_alias(name, CHAMPION, version)
     outcome = ("promoted: " if promoted else "rejected: ") + "; ".join(reasons)
     client.set_model_version_tag(name, version, "promotion", outcome[:_MAX_TAG_VALUE])
+    client.update_model_version(name, version, description=version_description(metrics, gates, outcome, mv.tags))
+    if promoted:
+        client.update_registered_model(name, description=f"{MODEL_DESCRIPTION}\n\nChampion: version {version} "
+                                                         f"({_metric_summary(metrics, gates)}).")
     logger.info("%s/%s %s: %s", name, version, "promoted" if promoted else "not promoted", "; ".join(reasons))
     return promoted, reasons
 
 
 GATE_TAG = "promotion"
+MODEL_DESCRIPTION = ("EasyAnimate V2 text-to-video pipelines (MagViT VAE + PixArt-α DiT with motion modules), "
+                     "registered by the training pipeline; alias `champion` = the version the gates promoted last, "
+                     "`challenger` = the newest version.")
+
+
+def _metric_summary(metrics: dict[str, float], gates: dict[str, dict[str, float]]) -> str:
+    keys = [k for k in gates if k in metrics] or sorted(metrics)
+    return ", ".join(f"{k} {float(metrics[k]):.4g}" for k in keys)
+
+
+def version_description(metrics: dict[str, float], gates: dict[str, dict[str, float]], outcome: str,
+                        tags: dict[str, str] | None = None) -> str:
+    """The version's description in the registry UI (Markdown): the promotion outcome, the evaluation metrics with
+    their gates, and the lineage (preset, data version, pipeline run)."""
+    lines = [f"**{outcome}**", "", "| metric | value | gate |", "|---|---|---|"]
+    for key in sorted(metrics):
+        gate = ", ".join(f"{'≤' if op == 'max' else '≥'} {v:g}" for op, v in (gates.get(key) or {}).items())
+        lines.append(f"| {key} | {float(metrics[key]):.4g} | {gate} |")
+    tags = tags or {}
+    lineage = [f"{k}: `{tags[k]}`" for k in ("preset", "data_version", "pipeline_run_id", "git_commit") if tags.get(k)]
+    return "\n".join(lines + ([""] + [f"- {item}" for item in lineage] if lineage else []))
 
 
 def gate_refusal(mv: ModelVersion) -> str | None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 COMPONENTS = Path(__file__).resolve().parents[2] / "components"
-NOT_COMPONENTS = {"__init__.py", "_runtime.py", "mlflow_tracker.py"}
+NOT_COMPONENTS = {"__init__.py", "mlflow_tracker.py"}  # components/glue/ is the shared glue
 EXPECTED = {"start_tracking", "plan_shards", "preprocess", "merge", "train_vae", "train_dit", "evaluate", "register",
             "finish_tracking"}
 MAX_STATEMENTS = 15
-BODY_IMPORTS = ("components._runtime", "easyanimate", "serving")  # what a component body may import
+BODY_IMPORTS = ("components.glue", "easyanimate", "serving")  # what a component body may import
 MATH = {"torch", "numpy", "np", "scipy", "cv2", "math", "mlflow"}  # never used by name in a component
 
 
@@ -75,12 +75,12 @@ def test_component_is_thin(path):
     for node in imports:
         if isinstance(node, ast.Import):
             modules += [a.name for a in node.names]
-        elif node.module == "components":  # `from components import _runtime as rt`
-            modules += [f"components.{a.name}" for a in node.names]
+        elif node.module in ("components", "components.glue"):  # `from components.glue import tracking, …`
+            modules += [f"{node.module}.{a.name}" for a in node.names]
         else:
             modules.append(node.module)
     assert modules and all(m.startswith(BODY_IMPORTS) for m in modules), f"{path.name}: body imports {modules}"
-    assert any(m.startswith(("easyanimate", "serving", "components._runtime")) for m in modules)
+    assert any(m.startswith(("easyanimate", "serving", "components.glue")) for m in modules)
 
     names = {n.id for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)}
     assert not names & MATH, f"{path.name}: uses {sorted(names & MATH)} directly; put that in the library"

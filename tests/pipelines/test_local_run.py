@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow  # both runs: 1.5-2 min on 2 cores
 
 @pytest.fixture(scope="module")
 def runs(mlflow_server, small_sample_data, tmp_path_factory):
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the quick training steps last a few seconds
     name = f"pipeline-test-{uuid.uuid4().hex[:8]}"
     experiment = f"pipeline-test-{uuid.uuid4().hex[:8]}"
     common = {"data": str(small_sample_data), "preset": "tiny", "num_shards": 2, "tracking_uri": mlflow_server,
@@ -32,6 +34,7 @@ def runs(mlflow_server, small_sample_data, tmp_path_factory):
                       train_vae=True, **common)
     second = run_local(pipeline_root=tmp_path_factory.mktemp("run_gate"),
                        overrides=[*FAST_OVERRIDES, "evaluate.gate_max_val_loss=0"], train_vae=False, **common)
+    monkey.undo()
     return {"first": first, "second": second, "name": name, "experiment": experiment,
             "client": MlflowClient(mlflow_server, registry_uri=mlflow_server)}
 
@@ -65,6 +68,7 @@ def test_samples_and_contact_sheet_are_logged(runs):
     children = {r.data.tags["mlflow.runName"]: r for r in _children(client, runs["first"]["parent_run_id"])}
     evaluate = [f.path for f in client.list_artifacts(children["evaluate"].info.run_id, "samples")]
     assert "samples/prompt-00.mp4" in evaluate and "samples/contact_sheet.png" in evaluate
+    assert "samples/prompt-00.gif" in evaluate and "samples/prompts.json" in evaluate  # preview + the prompts
     dit = [f.path for f in client.list_artifacts(children["train_dit"].info.run_id, "samples")]
     assert any(p.endswith(".mp4") for p in dit)
     local = client.download_artifacts(children["evaluate"].info.run_id, "samples/prompt-00.mp4")
@@ -116,3 +120,33 @@ def test_kfp_artifacts_and_reports(runs):
     assert "<table>" in html and "data:image/png;base64," in html and "prompt-00.mp4" in html
     register = (run_dir / "register" / "report").read_text()
     assert register.startswith(f"# {runs['name']} version {first['model_version']}")
+
+
+def test_mlflow_shows_datasets_system_metrics_and_outcomes(runs):
+    """What an ML engineer looks for in the MLflow UI: the dataset each step read (source, digest = data version,
+    schema), system metrics on training runs, the outcome on the pipeline's parent run, descriptions in the
+    registry."""
+    client, first, name = runs["client"], runs["first"], runs["name"]
+    children = {r.data.tags["mlflow.runName"]: r for r in _children(client, first["parent_run_id"])}
+    digests = set()
+    for step, context in (("preprocess", "preprocessing"), ("train_vae", "training"), ("train_dit", "training"),
+                          ("evaluate", "evaluation")):
+        inputs = client.get_run(children[step].info.run_id).inputs.dataset_inputs
+        assert len(inputs) == 1, f"{step}: expected one dataset input, got {inputs}"
+        ds = inputs[0].dataset
+        assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == context
+        assert json.loads(ds.source)["uri"] and json.loads(ds.profile)["data_version"].startswith("files:")
+        assert [c["name"] for c in json.loads(ds.schema)["mlflow_colspec"]] == ["file_path", "text", "type"]
+        digests.add(ds.digest)
+    assert len(digests) == 1  # every step saw the same data version
+    for step in ("train_vae", "train_dit"):
+        metrics = client.get_run(children[step].info.run_id).data.metrics
+        assert any(k.startswith("system/cpu_utilization") for k in metrics), f"{step}: {sorted(metrics)}"
+    parent = client.get_run(first["parent_run_id"]).data
+    assert {"val_loss", "vae_psnr", "flicker", "champion"} <= set(parent.metrics) and parent.metrics["champion"] == 1
+    assert parent.tags["model_version"] == first["model_version"]
+    mv = client.get_model_version(name, first["model_version"])
+    assert mv.description.startswith("**promoted") and "| val_loss |" in mv.description
+    rejected = client.get_model_version(name, runs["second"]["model_version"])
+    assert rejected.description.startswith("**rejected") and "≤ 0" in rejected.description
+    assert f"Champion: version {first['model_version']}" in client.get_registered_model(name).description

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from components import _runtime as rt
+from components.glue import tracking
 from components.mlflow_tracker import TrackingUnavailable, check_tracking, redact_uri
 from serving.mlflow_local import MlflowServer, free_port
 
@@ -56,18 +56,19 @@ def test_server_killed_mid_step_fails_the_step_fast_and_runs_are_marked_failed(t
         from easyanimate.config import load_config
 
         cfg = load_config("tiny")
-        parent = rt.start_pipeline_run(server.uri, "down-test", "run-1", cfg, {"data": "x"}, tags={"kfp_run_id": "k1"})
-        with pytest.raises(ValueError, match="bad data"), rt.step_run(server.uri, parent, "merge") as tracker:
+        parent = tracking.start_pipeline_run(server.uri, "down-test", "run-1", cfg, {"data": "x"},
+                                             tags={"kfp_run_id": "k1"})
+        with pytest.raises(ValueError, match="bad data"), tracking.step_run(server.uri, parent, "merge") as tracker:
             failed_id = tracker.run_id
             raise ValueError("bad data")
         assert MlflowClient(server.uri).get_run(failed_id).info.status == "FAILED"
 
-        step = rt.step_run(server.uri, parent, "train_dit")
+        step = tracking.step_run(server.uri, parent, "train_dit")
         step.log_metrics({"loss": 1.0}, step=1)
     finally:
         assert server.stop()
     with pytest.raises(MlflowException, match=f"{server.port}"), step:  # the error is MLflow's, naming the server
         step.log_metrics({"loss": 0.5}, step=2)
-    assert rt.end_pipeline_run(server.uri, "down-test", "k1", {"state": "FAILED"}) == "UNREACHABLE"
+    assert tracking.end_pipeline_run(server.uri, "down-test", "k1", {"state": "FAILED"}) == "UNREACHABLE"
     with pytest.raises(TrackingUnavailable, match=f"MLflow tracking server {server.uri} is unreachable"):
-        rt.step_run(server.uri, parent, "evaluate")
+        tracking.step_run(server.uri, parent, "evaluate")
