@@ -61,7 +61,8 @@ def _val_losses(run: Path) -> list[tuple[int, float]]:
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(int(r["step"]), float(r["val_loss"])) for r in rows if "val_loss" in r]
+    by_step = {int(r["step"]): float(r["val_loss"]) for r in rows if r.get("val_loss") is not None}
+    return sorted(by_step.items())  # one value per step (a run's summary repeats its last validation)
 
 
 def trained_tiny(round_steps: int, max_steps: int, log) -> Path:
@@ -85,6 +86,8 @@ def trained_tiny(round_steps: int, max_steps: int, log) -> Path:
         _cli("train-dit", "--data", str(data / "meta.json"), "--output", str(run), "--preset", "tiny",
              "--resume", "latest", *[x for s in [*sets, f"train.max_steps={steps}"] for x in ("--set", s)])
         losses = _val_losses(run)
+        if losses and losses[-1][0] < steps:
+            raise RuntimeError(f"train-dit stopped at step {losses[-1][0]}, expected {steps}: see {run}")
         log({"train_round": steps, "val_loss": losses[-1][1] if losses else None,
              "seconds": round(time.perf_counter() - t0, 1)})
         if len(losses) >= 3:
@@ -93,7 +96,9 @@ def trained_tiny(round_steps: int, max_steps: int, log) -> Path:
                 break
         if steps >= max_steps:
             break
-    marker.write_text(json.dumps({"steps": steps, "val_losses": losses, "round_steps": round_steps}))
+    flat = len(losses) >= 3 and (losses[-2][1] - losses[-1][1]) / losses[-2][1] < 0.03
+    marker.write_text(json.dumps({"steps": steps, "val_losses": losses, "round_steps": round_steps,
+                                  "flattened": flat}))
     return final
 
 

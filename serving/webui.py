@@ -58,6 +58,8 @@ from .request import to_inputs  # noqa: E402
 logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_DIR = "models/Personalized_Model"  # where V2's UI looks for LoRA / DreamBooth .safetensors
+# the speed settings offered (any easyanimate.accel spec may be typed; the server checks it)
+ACCEL_CHOICES = ["default", "exact", "cache=first_block", "cache=mag", "cache=taylorseer", "cache=pab", "cache=faster"]
 V2_DEFAULTS = {"sampler": "Euler", "steps": 50, "width": 672, "height": 384, "num_frames": 144, "guidance": 7.0,
                "seed": 43, "lora_alpha": 0.55, "fps": 24}
 EDITIONS = {"v2": "v2 (EasyAnimateV2, 9k frames, 16-pixel sizes)",
@@ -295,6 +297,8 @@ def request_inputs(params: dict[str, Any], info: ServerInfo, lora_dir: str | os.
                        steps=params["steps"], guidance=params["guidance"], num_frames=params["num_frames"],
                        height=params["height"], width=params["width"], fps=params["fps"], sampler=params["sampler"])
     applied = {"model_applied": False, "lora_applied": False}
+    if params.get("accel") and "ACCEL" in info.inputs:  # the speed setting (easyanimate.accel spec)
+        inputs["ACCEL"] = np.array([str(params["accel"]).encode()], dtype=object)
     model = params.get("model")
     if model and model != SERVED and info.supports_model_choice:
         inputs["MODEL"] = np.array([str(model).encode()], dtype=object)
@@ -429,6 +433,8 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
                                            maximum=144, step=9, elem_id="length")
                     cfg = gr.Slider(label="CFG Scale", value=V2_DEFAULTS["guidance"], minimum=0, maximum=20,
                                     step=0.1, elem_id="cfg")
+                    accel = gr.Dropdown(label="Speed (step caching; exact = bit-identical)", choices=ACCEL_CHOICES,
+                                        value="default", allow_custom_value=True, elem_id="accel")
                     with gr.Row():
                         seed = gr.Number(label="Seed", value=V2_DEFAULTS["seed"], precision=0, minimum=0,
                                          elem_id="seed", scale=3)
@@ -463,7 +469,7 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
         edition.change(lambda ed: gr.update(**length_slider(ed)), inputs=edition, outputs=length, queue=False)
 
         def on_generate(edition_v, model_v, lora_v, alpha_v, prompt_v, negative_v, sampler_v, steps_v, width_v,
-                        height_v, is_image_v, length_v, cfg_v, seed_v, progress=gr.Progress()):
+                        height_v, is_image_v, length_v, cfg_v, seed_v, accel_v, progress=gr.Progress()):
             keep = (gr.update(), gr.update(), gr.update(), gallery_items(samples_dir))
 
             def fail(text: str):
@@ -476,7 +482,8 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
                       "prompt": prompt_v, "negative_prompt": negative_v or "", "sampler": sampler_v,
                       "steps": int(steps_v), "width": int(width_v), "height": int(height_v),
                       "num_frames": 1 if is_image_v else int(length_v), "guidance": float(cfg_v),
-                      "seed": int(seed_v if seed_v is not None else V2_DEFAULTS["seed"]), "fps": V2_DEFAULTS["fps"]}
+                      "seed": int(seed_v if seed_v is not None else V2_DEFAULTS["seed"]), "fps": V2_DEFAULTS["fps"],
+                      "accel": str(accel_v or "default").strip()}
             info = info_box["info"]
             if info.error and not info.url:  # the server was down at start: ask again
                 info_box["info"] = info = server_info(server)
@@ -519,7 +526,7 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
         generate_btn.click(
             on_generate,
             inputs=[edition, model, lora, lora_alpha, prompt, negative_prompt, sampler, steps, width, height, is_image,
-                    length, cfg, seed],
+                    length, cfg, seed, accel],
             outputs=[result_image, result_video, status, gallery, served],
             concurrency_limit=1,
         )

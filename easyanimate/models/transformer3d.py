@@ -335,6 +335,7 @@ class Transformer3DModel(ModelMixin, AttentionMixin, CacheMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules: ClassVar[list[str]] = ["TemporalTransformerBlock", "FramePatchEmbed"]
+    _repeated_blocks: ClassVar[list[str]] = ["TemporalTransformerBlock"]  # regional torch.compile (accel compile=true)
     _skip_layerwise_casting_patterns: ClassVar[list[str]] = ["pos_embed", "norm", "adaln_single"]
     # diffusers context parallelism (``enable_parallelism(config=ContextParallelConfig(...))``): each rank takes a
     # slice of every frame's spatial tokens (the patch embedding's (B*F, h*w, D) output split on h*w), so a location

@@ -63,7 +63,8 @@ def test_http_and_grpc_return_the_asked_video(triton):
     assert meta["model"]["name"] == "tiny" and len(meta["model"]["weights_sha256"]) == 64
     assert meta["parameters"] | {"prompt": None} == {**SMALL, "prompt": None, "guidance": 6.0, "fps": 24,
                                                      "sampler": "DPM++", "negative_prompt": meta["parameters"]
-                                                     ["negative_prompt"], "lora": "", "lora_alpha": 0.55}
+                                                     ["negative_prompt"], "lora": "", "lora_alpha": 0.55,
+                                                     "accel": "default"}
     assert set(meta["timings"]) == {"load", "encode", "denoise", "decode", "encode_media", "total"}
 
     other_seed = client.infer_http(_http(triton), to_inputs("a red kite over a hill", **{**SMALL, "seed": 6}))
@@ -144,6 +145,43 @@ def test_bad_requests_fail_alone_and_the_server_stays_healthy(triton):
         client.infer_http(_http(triton), to_inputs("a", num_frames=10))
     # and the instance still generates
     assert read_video(client.infer_http(_http(triton), to_inputs("a cat", **SMALL)).data).shape[0] == 9
+
+
+def test_accel_input_is_validated_by_the_server(triton):
+    """ACCEL (an easyanimate.accel spec) is checked like every input: a bad value is HTTP 400 / gRPC INVALID_ARGUMENT
+    with the reason; a setting this CPU server cannot run (fp8) is refused the same way; a good one is applied."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from serving.client import _grpc_inputs
+
+    for spec, message in (("cache=teacache", "ACCEL: accel cache must be one of none, first_block"),
+                          ("cache=first_block,threshold=high", "threshold must be a number"),
+                          ("fp8=true", "ACCEL: accel fp8=true (float8 weight storage) needs a CUDA GPU")):
+        inputs = to_inputs("a kite", accel=spec, **SMALL)
+        http = httpclient.InferenceServerClient(_http(triton))
+        tensors = []
+        for name, arr in inputs.items():
+            tensor = httpclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object else
+                                           {"int64": "INT64", "float32": "FP32"}[arr.dtype.name])
+            tensor.set_data_from_numpy(arr)
+            tensors.append(tensor)
+        with pytest.raises(InferenceServerException) as info:
+            http.infer("easyanimate", tensors)
+        http.close()
+        assert info.value.status() == "400" and message in info.value.message(), (spec, info.value)
+        grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+        with pytest.raises(InferenceServerException) as info:
+            grpc.infer("easyanimate", _grpc_inputs(inputs))
+        grpc.close()
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and message in info.value.message(), spec
+        _healthy(triton)
+    exact = client.infer_http(_http(triton), to_inputs("a kite", accel="exact", **{**SMALL, "steps": 4}))
+    cached = client.infer_http(_http(triton), to_inputs("a kite", accel="cache=first_block,threshold=0.5",
+                                                        **{**SMALL, "steps": 4}))
+    assert exact.metadata["parameters"]["accel"] == "exact"
+    assert cached.metadata["parameters"]["accel"] == "cache=first_block,threshold=0.5"
 
 
 def test_four_concurrent_requests_succeed(triton):

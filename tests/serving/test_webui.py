@@ -67,16 +67,17 @@ def test_lora_and_model_choice_are_sent_only_when_the_server_takes_them(tmp_path
     assert webui.lora_files(tmp_path) == ["style.safetensors"]
     params = {"prompt": "p", "negative_prompt": "", "seed": 1, "steps": 5, "guidance": 7.0, "num_frames": 9,
               "height": 64, "width": 64, "fps": 24, "sampler": "Euler", "lora": "style.safetensors",
-              "lora_alpha": 0.55, "model": "models:/easyanimate@champion"}
+              "lora_alpha": 0.55, "model": "models:/easyanimate@champion", "accel": "cache=mag"}
     ours = webui.ServerInfo(inputs={"PROMPT", "STEPS"}, url="grpc://x:1")
     inputs, applied = webui.request_inputs(params, ours, tmp_path)
     assert applied == {"model_applied": False, "lora_applied": False}
-    assert not {"LORA", "LORA_ALPHA", "MODEL"} & set(inputs) and inputs["SAMPLER"][0] == b"Euler"
-    richer = webui.ServerInfo(inputs={"PROMPT", "LORA", "LORA_ALPHA", "MODEL"}, url="grpc://x:1")
+    assert not {"LORA", "LORA_ALPHA", "MODEL", "ACCEL"} & set(inputs) and inputs["SAMPLER"][0] == b"Euler"
+    richer = webui.ServerInfo(inputs={"PROMPT", "LORA", "LORA_ALPHA", "MODEL", "ACCEL"}, url="grpc://x:1")
     inputs, applied = webui.request_inputs(params, richer, tmp_path)
     assert applied == {"model_applied": True, "lora_applied": True}
     assert inputs["LORA"][0] == b"style.safetensors"  # the NAME: the server resolves it in its own LoRA folder
     assert inputs["LORA_ALPHA"][0] == pytest.approx(0.55)
+    assert inputs["ACCEL"][0] == b"cache=mag"  # the page's speed setting
 
 
 def test_model_dropdown_lists_registered_versions_and_aliases(tmp_path):
@@ -211,6 +212,8 @@ def test_generate_a_video_in_the_browser(page, ui):
     assert "the server applies it" in page.locator("#lora-note").inner_text()  # LORA is a declared input
     page.locator("#lora input").click()  # V2's LoRA dropdown lists the folder's .safetensors
     page.get_by_role("option", name="style.safetensors").click()
+    page.locator("#accel input").click()  # the speed setting: exact (bit-identical), sent as ACCEL
+    page.get_by_role("option", name="exact", exact=True).click()
     _fill_small(page, "a red kite over a green hill")
     before = len(_all_logs(ui["samples"]))
     page.evaluate(_WATCH_PROGRESS)
@@ -233,11 +236,12 @@ def test_generate_a_video_in_the_browser(page, ui):
     assert frames.shape == (9, 64, 64, 3)
     expected = {"prompt": "a red kite over a green hill", "steps": 5, "width": 64, "height": 64, "num_frames": 9,
                 "seed": 7, "sampler": "Euler", "guidance": 7.0, "lora": "style.safetensors", "lora_alpha": 0.55,
-                "lora_applied": True, "edition": "v2", "transport": "grpc-stream"}
+                "lora_applied": True, "edition": "v2", "transport": "grpc-stream", "accel": "exact"}
     assert {k: entry.get(k) for k in expected} == expected
     assert entry["negative_prompt"].startswith("The video is not of a high quality")
     assert entry["served_parameters"]["steps"] == 5 and entry["served_parameters"]["sampler"] == "Euler"
     assert entry["served_parameters"]["lora"] == "style.safetensors"  # the server applied it (its METADATA)
+    assert entry["served_parameters"]["accel"] == "exact"  # and generated with the chosen speed setting
     assert entry["model"]["name"] == "tiny"
     page.wait_for_selector("#gallery video")  # the gallery shows it
     page.locator("#gallery").scroll_into_view_if_needed()  # Chromium paints videos it has shown
