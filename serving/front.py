@@ -63,7 +63,7 @@ _REQUEST_PARAMETERS = {"binary_data_output": bool, "timeout": int, "priority": i
 _GRPC_REQUEST_PARAMETERS = {"timeout": int, "priority": int, "triton_enable_empty_final_response": bool}
 _INPUT_PARAMETERS = {"binary_data_size": int}
 _OUTPUT_PARAMETERS = {"binary_data": bool}
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+_ABSENT = object()  # a field not given (``null`` is a value, and refused: tritonserver answers it with a 500)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def _check_raw(spec: TensorSpec, raw: bytes, count: int) -> None:
 
 
 def _check_parameters(where: str, params: Any, allowed: Mapping[str, type]) -> dict[str, Any]:
-    if params is None:
+    if params is _ABSENT:
         return {}
     if not isinstance(params, dict):
         raise Refused("parameters", f"{where}: parameters must be an object, got {_short(params)}")
@@ -308,7 +308,7 @@ def check_http_infer(specs: Mapping[str, ModelSpec], model: str, version: str, b
                       "outputs")
     if "id" in request and (not isinstance(request["id"], str) or len(request["id"]) > limits.max_id_chars):
         raise Refused("json", f"id must be a string of at most {limits.max_id_chars} characters")
-    _check_parameters("request", request.get("parameters"), _REQUEST_PARAMETERS)
+    _check_parameters("request", request.get("parameters", _ABSENT), _REQUEST_PARAMETERS)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise Refused("inputs", "inputs must be a non-empty list")
@@ -325,7 +325,7 @@ def check_http_infer(specs: Mapping[str, ModelSpec], model: str, version: str, b
             raise Refused("datatype", f"input {ispec.name!r}: datatype must be {ispec.datatype}, got "
                           f"{_short(item.get('datatype'))}")
         count = _shape(ispec, item.get("shape"), limits)
-        params = _check_parameters(f"input {ispec.name!r}", item.get("parameters"), _INPUT_PARAMETERS)
+        params = _check_parameters(f"input {ispec.name!r}", item.get("parameters", _ABSENT), _INPUT_PARAMETERS)
         if "binary_data_size" in params:
             if "data" in item:
                 raise Refused("binary", f"input {ispec.name!r}: both data and binary_data_size given")
@@ -349,7 +349,7 @@ def check_http_infer(specs: Mapping[str, ModelSpec], model: str, version: str, b
     if offset != len(binary):
         raise Refused("binary", f"the body has {len(binary) - offset} binary bytes that no input claims")
     _required(spec, seen)
-    _check_outputs(spec, request.get("outputs"))
+    _check_outputs(spec, request.get("outputs", _ABSENT))
     return json.dumps(request, separators=(",", ":")).encode(), (binary if header_length is not None else None)
 
 
@@ -373,7 +373,7 @@ def _required(spec: ModelSpec, seen: set[str]) -> None:
 
 
 def _check_outputs(spec: ModelSpec, outputs: Any) -> None:
-    if outputs is None:
+    if outputs is _ABSENT:
         return
     if not isinstance(outputs, list):
         raise Refused("outputs", f"outputs must be a list, got {_short(outputs)}")
@@ -388,7 +388,7 @@ def _check_outputs(spec: ModelSpec, outputs: Any) -> None:
         if name in seen:
             raise Refused("outputs", f"output {name!r} is asked twice")
         seen.add(name)
-        _check_parameters(f"output {name!r}", item.get("parameters"), _OUTPUT_PARAMETERS)
+        _check_parameters(f"output {name!r}", item.get("parameters", _ABSENT), _OUTPUT_PARAMETERS)
 
 
 def _grpc_parameters(where: str, params, allowed: Mapping[str, type]) -> None:

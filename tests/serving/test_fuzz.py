@@ -12,7 +12,8 @@ from serving.fuzz import Fuzzer, fuzz_endpoint
 SEED = 17
 ANSWERS = {"http:400", "http:403", "http:404", "http:405", "http:413", "http:415", "closed",
            "grpc:INVALID_ARGUMENT", "grpc:NOT_FOUND", "grpc:RESOURCE_EXHAUSTED", "grpc:UNIMPLEMENTED",
-           "grpc:PERMISSION_DENIED", "grpc:OK", "http:200"}
+           "grpc:PERMISSION_DENIED", "grpc:OK", "http:200",
+           "grpc:stream-error"}  # the model's own refusal of a value, inside a stream (Triton's way)
 
 
 def test_cases_are_reproducible_from_seed_and_index():
@@ -29,7 +30,7 @@ def test_cases_are_reproducible_from_seed_and_index():
 
 @pytest.mark.slow
 def test_fuzzing_the_endpoint_crashes_nothing(endpoint):
-    result = fuzz_endpoint(endpoint, seed=SEED, cases=800, seconds=60, batch=50, rss_growth_limit=256 << 20)
+    result = fuzz_endpoint(endpoint, seed=SEED, cases=600, seconds=60, batch=50, rss_growth_limit=256 << 20)
     assert result["crashes"] == 0 and result["restarts"] == 0 and not result["failures"], result
     assert result["cases"] >= 200 and result["mutations"] >= 40, result  # it really tried (bounded by time)
     unexpected = set(result["outcomes"]) - ANSWERS

@@ -179,6 +179,10 @@ HTTP_CRASHERS = {
     # not a crash, a 500 from tritonserver (the fuzzer through the front, seed 17): now a 400 naming the input
     "scalar data": (_json_case(lambda r: r["inputs"][1].update(data=7)), {}, 400,
                     "input 'SEED': data must be a list, got 7"),
+    # also 500s from tritonserver (bench/fuzz_serve.py --seed 2, cases 14169 and 17747)
+    "null parameters": (_json_case(lambda r: r.update(parameters=None)), {}, 400,
+                        "request: parameters must be an object, got null"),
+    "null outputs": (_json_case(lambda r: r.update(outputs=None)), {}, 400, "outputs must be a list, got null"),
 }
 GRPC_CRASHERS = {
     "classification output": ("ModelInfer", _grpc_case(_classification), "'classification' is not accepted"),
