@@ -229,7 +229,8 @@ def _docker_runner(root: Path, tracking_uri: str):
                            f"build it with `make images` (or set EASYANIMATE_IMAGE to a pulled tag)")
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "EASYANIMATE_WORKDIR": str(root / "work")}
     env.update({k: os.environ[k] for k in _DOCKER_PASS_ENV if k in os.environ})
-    run_args: dict[str, Any] = {"network_mode": "host", "environment": env}
+    # shm: DataLoader workers and torch share tensors through /dev/shm (Docker's default is 64 MB)
+    run_args: dict[str, Any] = {"network_mode": "host", "environment": env, "shm_size": "1g"}
     image_user = user.stdout.strip()
     if os.getuid() != 0:  # the invoking user owns what the tasks write
         run_args["user"] = f"{os.getuid()}:{os.getgid()}"

@@ -58,7 +58,15 @@ WORKDIR /opt/easyanimate
 RUN python3 -m venv /opt/venv \
     && pip install --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY requirements.lock ./
-RUN pip install -r requirements.lock
+# a few pins are sdists with C/C++ extensions (libsvm-official): a compiler (and the Python headers where the base
+# lacks them) only for this step, removed in the same layer ($build_deps is a package list: split on purpose)
+# hadolint ignore=DL3008,SC2086
+RUN apt-get update \
+    && build_deps="g++ $(test -f "/usr/local/include/python3.11/Python.h" || echo python3-dev)" \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $build_deps \
+    && pip install -r requirements.lock \
+    && apt-get purge -y --auto-remove $build_deps \
+    && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md ./
 COPY easyanimate ./easyanimate
