@@ -5,8 +5,8 @@
 3. compile the Kubeflow pipeline to IR YAML (what users upload in the Kubeflow UI);
 4. run the whole pipeline locally with kfp's SubprocessRunner on the `tiny` preset: preprocess shards → merge →
    train VAE → train DiT → evaluate → register (alias `challenger`, `champion` when the gates pass);
-   then register what a broken run would ship (the untrained weights), evaluated the same way: the tiny preset's
-   gates reject it, so it stays `challenger` and `champion` does not move;
+   then register what a run that learned nothing would ship (the untrained weights), evaluated the same way: worse
+   than the champion on the gated metrics, it is rejected, stays `challenger`, and `champion` does not move;
 5. start the local Triton server on `models:/easyanimate@champion` and generate a video through its gRPC streaming
    endpoint (progress per denoising step);
 6. print where everything is, then stop Triton and MLflow (``keep_mlflow=True`` leaves MLflow up for its UI).
@@ -94,7 +94,9 @@ def run_demo(out: str | Path = "outputs/demo", *, train_vae: bool = True, keep_m
 
 def _rejected_challenger(tracking_uri: str, dataset: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     """Register the untrained tiny weights (what a run that never learned would ship), evaluated like the pipeline's
-    version, and let the gates decide: they reject it, it stays ``challenger``, ``champion`` stays put."""
+    version, and let ``promote_if_better`` decide: worse than the champion on the gated metrics (the tiny gates'
+    absolute bounds catch a NaN loss or a garbage VAE, not an untrained one), it is rejected and stays
+    ``challenger``; ``champion`` stays put."""
     import math
 
     from mlflow.tracking import MlflowClient
