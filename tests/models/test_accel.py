@@ -246,3 +246,16 @@ def test_bad_specs_name_what_works(spec, device, message):
 def test_vae_tiling_is_refused_by_a_vae_without_it(exact_pipe):
     with pytest.raises(A.AccelError, match="has no spatial tiling"):
         _generate(exact_pipe, "vae_tiling=true", steps=1)
+
+
+def test_registered_versions_carry_the_setting_in_generate_defaults():
+    """register_pipeline stores generate_defaults["accel"] as a checked spec (the server's per-version default)."""
+    from serving.registry import _with_accel
+    from serving.request import merge_defaults
+
+    assert _with_accel(None) == {"accel": "default"}
+    stored = _with_accel({"steps": 5, "accel": AccelConfig(base="exact", cache="mag", threshold=0.1)})
+    assert stored == {"steps": 5, "accel": "cache=mag,threshold=0.1"}
+    assert merge_defaults(stored)["accel"] == "cache=mag,threshold=0.1"  # what the Triton model then uses
+    with pytest.raises(A.AccelError, match="unknown key 'speed'"):
+        _with_accel({"accel": "speed=max"})
