@@ -26,6 +26,41 @@ def _config(preset: str, overrides: list[str] | None):
         raise typer.BadParameter(str(exc)) from exc
 
 
+def _pipeline_folder(model: str, option: str = "--model") -> Path:
+    """``model`` as a pipeline folder, checked before anything loads or is created."""
+    folder = Path(model)
+    if not (folder / "model_index.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no model_index.json"
+        raise typer.BadParameter(f"expected 'tiny' or a pipeline folder (with model_index.json), got {model} ({what})",
+                                 param_hint=option)
+    return folder
+
+
+def _check_shape(cfg, frames: int, height: int, width: int) -> None:
+    """The frame count and size the model can make, from its config files (a pipeline folder) or the preset's
+    shapes, before the model loads: 1 or the VAE's frame rule; sizes a multiple of VAE x8 times the DiT patch."""
+    try:
+        if cfg.model.pretrained:
+            root = Path(cfg.model.pretrained)
+            vae = json.loads((root / "vae" / "config.json").read_text())
+            patch = int(json.loads((root / "transformer" / "config.json").read_text())["patch_size"])
+            step, offset = int(vae["mini_batch_encoder"]), int(bool(vae.get("slice_compression_vae")))
+            scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        else:
+            v = cfg.model.vae
+            step, offset, scale = v.mini_batch_encoder, int(v.slice_compression_vae), 2 ** (len(v.ch_mult) - 1)
+            patch = cfg.model.transformer.patch_size
+    except (OSError, KeyError, TypeError, ValueError):  # an unusual layout: the pipeline checks when it runs
+        return
+    if frames != 1 and (frames < offset + step or (frames - offset) % step):
+        rule = f"1 + {step}k" if offset else f"a multiple of {step}"
+        raise typer.BadParameter(f"expected 1 or {rule} frames for this model, got {frames}", param_hint="--frames")
+    m = scale * patch
+    for name, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % m:
+            raise typer.BadParameter(f"expected a positive multiple of {m}, got {value}", param_hint=name)
+
+
 @app.command("config")
 def show_config(preset: str = PresetOpt, overrides: list[str] | None = SetOpt,
                 fmt: str = typer.Option("yaml", "--format", help="yaml or json")) -> None:
@@ -84,12 +119,13 @@ def generate(
     if preset is None:
         preset = "tiny" if model in (None, "tiny") else "v2_512"
     if model not in (None, "tiny"):
-        sets.insert(0, f"model.pretrained={model}")
+        sets.insert(0, f"model.pretrained={_pipeline_folder(model)}")
     cfg = _config(preset, sets)
     g = cfg.generate
     n_frames = frames if frames is not None else g.num_frames
     if out.suffix.lower() not in (".mp4", ".png"):
         raise typer.BadParameter(f"--out must end in .mp4 or .png, got {out.name}")
+    _check_shape(cfg, n_frames, height or g.height, width or g.width)
     if n_frames == 1 and out.suffix.lower() == ".mp4":
         out = out.with_suffix(".png")
     try:
@@ -211,6 +247,11 @@ def serve(
                       lora_dir=lora_dir)
         return
 
+    if model.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise typer.BadParameter(f"{model} needs an MLflow server: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
+                                 "(nothing is created in this folder)", param_hint="--tracking-uri")
+    if model != "tiny" and not model.startswith("models:/"):
+        _pipeline_folder(model)
     from serving.launch import TritonLaunchError, TritonServer
     from serving.supervisor import Endpoint
 
@@ -365,7 +406,7 @@ def _refuse(exc: Exception, data: Path) -> None:
 
 @app.command("train-vae")
 def train_vae_cmd(
-    data: Path = typer.Option(..., "--data", help="meta JSON of the training clips"),
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="meta JSON of the training clips"),
     output: Path = typer.Option(..., "--output", "-o", help="run folder: checkpoints/ and final/"),
     resume: str | None = ResumeOpt,
     preset: str = PresetOpt,
@@ -384,7 +425,8 @@ def train_vae_cmd(
 
 @app.command("train-dit")
 def train_dit_cmd(
-    data: Path = typer.Option(..., "--data", help="meta JSON of the training clips/images"),
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False,
+                              help="meta JSON of the training clips/images"),
     output: Path = typer.Option(..., "--output", "-o", help="run folder: checkpoints/ and final/"),
     lora: bool = typer.Option(False, "--lora", help="train a LoRA instead of the full transformer"),
     resume: str | None = ResumeOpt,
@@ -491,11 +533,31 @@ def ui(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``easyanimate`` command. A usage mistake (bad option value, missing file, unknown option) ends in one
+    ``error:`` line on stderr and exit code 2, before any model loads or folder is created."""
+    from typer._click import exceptions as click  # typer 0.29 bundles click (requirements.lock pins it)
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from easyanimate.runtime import tune_allocator
 
     tune_allocator()  # glibc keeps freed large blocks: CPU training/generation steps stop page-faulting (runtime.py)
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="easyanimate")
+    try:
+        code = app(args=argv if argv is not None else sys.argv[1:], prog_name="easyanimate", standalone_mode=False)
+    except click.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

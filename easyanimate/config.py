@@ -536,6 +536,43 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+# value ranges (types are checked by the annotations): "lo..hi" inclusive, ">=x", ">x"
+RANGES = {
+    "train.max_steps": ">=1", "train.learning_rate": ">0", "train.lr_warmup_steps": ">=0",
+    "train.max_grad_norm": ">=0", "train.gradient_accumulation_steps": ">=1", "train.ema_decay": "0..1",
+    "train.checkpointing_steps": ">=0", "train.checkpoints_total_limit": ">=0", "train.validation_steps": ">=0",
+    "train.log_every": ">=1", "train.lora_rank": ">=1", "train.lora_learning_rate": ">0", "train.sample_steps": ">=1",
+    "train.vae.learning_rate": ">0", "train.vae.num_frames": ">=1",
+    "generate.num_frames": ">=1", "generate.height": ">=1", "generate.width": ">=1", "generate.steps": ">=1",
+    "generate.guidance_scale": ">=0", "generate.fps": ">=1",
+    "data.sample_size": ">=1", "data.num_frames": ">=1", "data.stride": ">=1", "data.video_repeat": ">=1",
+    "data.caption_dropout": "0..1", "data.batch_size": ">=1", "data.workers": ">=0", "data.validation_count": ">=0",
+    "evaluate.num_frames": ">=1", "evaluate.height": ">=1", "evaluate.width": ">=1", "evaluate.steps": ">=1",
+    "evaluate.guidance_scale": ">=0", "evaluate.max_clips": ">=0", "preprocess.workers": ">=1",
+}
+
+
+def _in_range(value: float, spec: str) -> bool:
+    if ".." in spec:
+        lo, hi = (float(x) for x in spec.split(".."))
+        return lo <= value <= hi
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    return value > float(spec[1:])
+
+
+def check_ranges(cfg: Config) -> Config:
+    """Every ``RANGES`` key of ``cfg`` within its range, else a ``ConfigError`` naming the key, range and value."""
+    for key, spec in RANGES.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not _in_range(float(value), spec):
+            expected = f"a value in [{spec.replace('..', ', ')}]" if ".." in spec else f"a value {spec}"
+            raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    return cfg
+
+
 def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Resolve a preset name or file plus ``section.key=value`` overrides into a validated ``Config``."""
     data = _read_preset(preset)
@@ -547,7 +584,7 @@ def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = (
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {p} is not a section")
         node[parts[-1]] = value
-    return _build(Config, data)
+    return check_ranges(_build(Config, data))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
