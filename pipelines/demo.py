@@ -101,7 +101,7 @@ def _rejected_challenger(tracking_uri: str, dataset: str, out: Path, overrides: 
 
     from mlflow.tracking import MlflowClient
 
-    from components._runtime import gates
+    from components.glue.settings import gates
     from easyanimate.config import load_config
     from easyanimate.evaluate import evaluate
     from easyanimate.pipeline import build_pipeline
