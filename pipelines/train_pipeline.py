@@ -16,6 +16,8 @@ retried (preempted) pod resumes; both mounts, GPU/CPU/memory requests, toleratio
 YAML and ignored by ``kfp.local``.
 """
 
+import os
+
 from kfp import dsl, kubernetes
 
 from components import BASE_IMAGE
@@ -38,6 +40,10 @@ GPU = "nvidia.com/gpu"
 # cluster with an open MLflow (or the platform's auth in front) runs without the Secret
 MLFLOW_AUTH_SECRET = "easyanimate-mlflow-auth"
 MLFLOW_AUTH_ENV = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+# The MLflow UI address people open (e.g. https://mlflow.example.org), for the links in the Kubeflow reports: the
+# in-cluster tracking URI does not open in a laptop's browser. Read when compiling; unset = links use tracking_uri.
+MLFLOW_UI_ENV = "EASYANIMATE_MLFLOW_UI_URL"
+MLFLOW_UI_URL = os.environ.get(MLFLOW_UI_ENV, "")
 
 # Requests per step (V2 512px DiT on one 80 GB GPU; a cluster admin tunes these). Training requests one GPU; the
 # multi-node case goes through dit_launcher="trainjob" (infra/k8s/trainjob.yaml).
@@ -76,6 +82,8 @@ def _configure(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
     task.set_caching_options(enable_caching=CACHING.get(step, False))
     kubernetes.use_secret_as_env(task, secret_name=MLFLOW_AUTH_SECRET, secret_key_to_env=MLFLOW_AUTH_ENV,
                                  optional=True)
+    if MLFLOW_UI_URL:  # report links a browser outside the cluster can open
+        task.set_env_variable(MLFLOW_UI_ENV, MLFLOW_UI_URL)
     return task.set_display_name(step.replace("_", "-"))
 
 
@@ -110,19 +118,25 @@ def train_pipeline(
     data_pvc: str = "easyanimate-data",
     work_pvc: str = "easyanimate-work",
 ):
-    """Args:
-        data: folder (or list file) of raw videos/images with their captions (on a cluster: under the data PVC).
-        preset: config preset (tiny, tiny_slice, v2_512, v2_768, v3_slice_512) or a YAML path inside the image; its
-            ``model.vae`` decides the VAE layout every step uses (V2 9-frame chunks, or the slice VAE's 1 + 8k).
-        overrides: JSON list of ``section.key=value`` applied to the preset in every step.
-        num_shards: preprocess fan-out width.
-        train_vae: train the VAE first and train the DiT on it.
-        lora: train a LoRA instead of the DiT's trainable modules.
-        tracking_uri / experiment: MLflow server and experiment of the parent run.
-        model_name: registered model name.
-        dit_launcher: "local" (in the step's pod) or "trainjob" (multi-node Kubeflow Trainer job, waited for).
-        trainjob_nodes / trainjob_gpus_per_node: the TrainJob's size.
-        data_pvc / work_pvc: PVCs mounted at /data (raw data) and /mnt/work (checkpoints; ReadWriteMany for trainjob).
+    """Train EasyAnimate on a folder of captioned videos and register the result in MLflow (champion if it passes).
+
+    Args:
+        data: Folder (or list file) of raw videos/images with their captions, under the data PVC (/data).
+        preset: Config preset (tiny, tiny_slice, v2_512, v2_768, v3_slice_512) or a YAML path inside the image;
+            its model.vae decides the VAE layout (V2 9-frame chunks, or the slice VAE's 1 + 8k).
+        overrides: JSON list of "section.key=value" strings applied to the preset in every step,
+            e.g. ["train.max_steps=2000", "evaluate.steps=25"].
+        num_shards: How many preprocess tasks run side by side (the fan-out width).
+        train_vae: Train the VAE first, then the DiT on it.
+        lora: Train a LoRA instead of the DiT's trainable modules (the registered model has it merged).
+        tracking_uri: MLflow tracking server the steps log to (reachable from the pods).
+        experiment: MLflow experiment of the pipeline's parent run.
+        model_name: Registered model name in the MLflow registry.
+        dit_launcher: "local" trains in the step's pod; "trainjob" runs a multi-node Kubeflow Trainer job and waits.
+        trainjob_nodes: Nodes of the TrainJob (dit_launcher=trainjob).
+        trainjob_gpus_per_node: GPUs per TrainJob node (dit_launcher=trainjob).
+        data_pvc: PVC with the raw data, mounted at /data.
+        work_pvc: PVC for checkpoints, mounted at /mnt/work (ReadWriteMany for trainjob); a retried step resumes.
     """
     start = start_tracking_op(tracking_uri=tracking_uri, experiment=experiment,
                               run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,

@@ -116,18 +116,27 @@ def log_dataset_input(tracker, dataset_dir: str | os.PathLike, metadata: dict[st
                       profile={"meta_json": str(Path(dataset_dir) / "meta.json"), **profile})
 
 
+MLFLOW_UI_ENV = "EASYANIMATE_MLFLOW_UI_URL"  # the MLflow UI address a browser opens (pipelines/train_pipeline.py)
+
+
+def _ui_base(tracker) -> str | None:
+    """``$EASYANIMATE_MLFLOW_UI_URL`` (the address outside the cluster), else an http(s) tracking URI, else None."""
+    uri = os.environ.get(MLFLOW_UI_ENV) or str(tracker.tracking_uri)
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
 def run_link(tracker) -> str:
-    """A link to the run in the MLflow UI (http tracking URIs), else its ``runs:/`` URI."""
-    uri = str(tracker.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    """A link to the run in the MLflow UI (``$EASYANIMATE_MLFLOW_UI_URL`` or an http tracking URI), else its
+    ``runs:/`` URI."""
+    base = _ui_base(tracker)
+    if base:
+        return f"{base}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
     return f"runs:/{tracker.run_id}"
 
 
 def artifact_link(tracker, path: str) -> str:
     """A link to one artifact of the run in the MLflow UI (or its ``runs:/`` URI)."""
-    uri = str(tracker.tracking_uri)
-    if uri.startswith(("http://", "https://")):
+    if _ui_base(tracker):
         return f"{run_link(tracker)}/artifacts/{path}"
     return f"runs:/{tracker.run_id}/{path}"
 

@@ -115,6 +115,10 @@ def test_pipeline_parameters(compiled):
         assert name in params, name
     assert params["train_vae"]["parameterType"] == "BOOLEAN"
     assert params["num_shards"]["parameterType"] == "NUMBER_INTEGER"
+    # the Kubeflow run form shows each input's description (from the pipeline docstring's Args)
+    missing = sorted(name for name, p in params.items() if len(p.get("description") or "") < 15)
+    assert not missing, f"inputs without a description in the run form: {missing}"
+    assert "JSON list" in params["overrides"]["description"]
 
 
 def test_image_follows_the_environment(tmp_path):

@@ -22,9 +22,10 @@ def test_failed_pipeline_closes_its_parent_run_failed(mlflow_server):
     assert tracking.end_pipeline_run(mlflow_server, "runtime-test", "no-such-job", None) == "NOT_FOUND"
 
 
-def test_links_point_at_the_mlflow_ui_or_runs_uris():
+def test_links_point_at_the_mlflow_ui_or_runs_uris(monkeypatch):
     from types import SimpleNamespace
 
+    monkeypatch.delenv(tracking.MLFLOW_UI_ENV, raising=False)
     http = SimpleNamespace(tracking_uri="http://127.0.0.1:5000/", experiment_id="3", run_id="abc")
     assert tracking.run_link(http) == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
     links = tracking.sample_links(http, ["/tmp/x/prompt-00.mp4"])
@@ -32,3 +33,8 @@ def test_links_point_at_the_mlflow_ui_or_runs_uris():
     assert links == {"sample prompt-00.mp4": f"{run}/artifacts/samples/prompt-00.mp4", "MLflow run": run}
     local = SimpleNamespace(tracking_uri="sqlite:///m.db", experiment_id="1", run_id="r1")
     assert tracking.run_link(local) == "runs:/r1" and tracking.artifact_link(local, "a/b.png") == "runs:/r1/a/b.png"
+    # on a cluster the tracking URI is an in-cluster address: reports link to the UI address people open
+    monkeypatch.setenv(tracking.MLFLOW_UI_ENV, "https://mlflow.example.org/")
+    incluster = SimpleNamespace(tracking_uri="http://mlflow.easyanimate.svc:5000", experiment_id="3", run_id="abc")
+    assert tracking.run_link(incluster) == "https://mlflow.example.org/#/experiments/3/runs/abc"
+    assert tracking.artifact_link(local, "x.gif") == "https://mlflow.example.org/#/experiments/1/runs/r1/artifacts/x.gif"
