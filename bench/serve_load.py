@@ -143,6 +143,8 @@ class Load:
         except (client.ServerError, ConnectionError) as exc:
             reason = _classify(str(exc))
             self._count(self.refused, reason)
+            if reason == "other":
+                self.unexpected.append(f"{kind} request {n}: {exc}")
             if kind in ("small", "large") and reason not in ("queue_full", "queue_timeout", "shutdown"):
                 self.unexpected.append(f"{kind} request {n}: {exc}")
 
@@ -210,7 +212,8 @@ def main() -> None:
         time.sleep(0.2)
     grpc, http = info["grpc"].removeprefix("grpc://"), info["http"].removeprefix("http://")
     load = Load(grpc, http, args.seed)
-    client.infer_http(http, to_inputs("warm-up", **SMALL))  # first request pays lazy imports
+    client.infer_http(http, to_inputs("warm-up", **SMALL))  # first requests pay lazy imports and grow the
+    client.infer_grpc_stream(grpc, to_inputs("warm-up", **LARGE))  # allocator pools to the large size: RSS after
     triton_pid = info["pid"]
     stubs0 = set(_descendants(triton_pid)) - {triton_pid}
     rss_start = _rss_mb(_descendants(proc.pid))
@@ -283,6 +286,7 @@ def main() -> None:
         "rss_mb": {"start": rss_start, "end": rss_end,
                    "growth_percent": round(100 * (rss_end - rss_start) / rss_start, 1) if rss_start else None,
                    **({"samples": samples} if args.soak else {})},
+        "load_average_1min": round(os.getloadavg()[0], 1), "cpus": os.cpu_count(),
         "crashes": len(crashes), "crash_details": crashes, "unexpected": load.unexpected[:10],
         "sigterm_to_exit_s": round(sigterm_to_exit, 2), "exit_code": proc.returncode,
         "in_flight_at_sigterm": (in_flight.get("error") or "served")[:160], "shm_left": shm_left,

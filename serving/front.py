@@ -515,6 +515,9 @@ class Front:
         self.status = status
         self.stats = FrontStats()
         self._upstream: Upstream | None = None
+        # admit(model, cost inputs) raises ValueError for a request over the served model's work budget (the
+        # launcher's TritonServer.admit): refused here, before it waits in Triton's queue behind long requests
+        self.admit: Callable[[str, Mapping[str, float]], None] | None = None
         self._channel = None
         self._channel_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -703,6 +706,10 @@ class Front:
                           408) from None
         header, binary = check_http_infer(self.specs, match["model"], match["version"] or "", body,
                                           request.headers.get("Inference-Header-Content-Length"), self.limits)
+        if self.admit is not None:
+            from .request import cost_inputs_http
+
+            self._admit(match["model"], lambda: cost_inputs_http(json.loads(header), binary))
         if self._http_slots.locked():
             raise Refused("busy", f"{self.limits.max_concurrent} requests are in flight: retry later", 503)
         async with self._http_slots:
@@ -846,9 +853,25 @@ class Front:
         except grpc.FutureCancelledError:
             context.abort(grpc.StatusCode.CANCELLED, "cancelled")
 
+    def _admit(self, model: str, values: Callable[[], Mapping[str, float]]) -> None:
+        try:
+            self.admit(model, values())
+        except ValueError as exc:
+            raise Refused("over_budget", str(exc)) from None
+
+    def _admit_grpc(self, raw: bytes) -> None:
+        if self.admit is not None:
+            from tritonclient.grpc import service_pb2
+
+            from .request import cost_inputs_grpc
+
+            request = service_pb2.ModelInferRequest.FromString(raw)
+            self._admit(request.model_name, lambda: cost_inputs_grpc(request))
+
     def _grpc_infer(self, raw: bytes, context) -> bytes:
         try:
             raw = check_grpc_infer(self.specs, raw, stream=False, limits=self.limits)
+            self._admit_grpc(raw)
         except Refused as refused:
             return self._grpc_refuse(context, refused)
         if not self._grpc_slots.acquire(blocking=False):
@@ -887,7 +910,9 @@ class Front:
             try:
                 for raw in request_iterator:
                     try:
-                        pending.put(check_grpc_infer(self.specs, raw, stream=True, limits=self.limits))
+                        checked = check_grpc_infer(self.specs, raw, stream=True, limits=self.limits)
+                        self._admit_grpc(checked)
+                        pending.put(checked)
                         self.stats.count("forwarded")
                     except Refused as exc:
                         refused.append(exc)

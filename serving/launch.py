@@ -312,6 +312,8 @@ class TritonServer:
         self.stall_timeout = stall_timeout
         self.metrics_host = metrics_host
         self.stop_file: Path | None = None
+        self.admission_dir: Path | None = None
+        self._admission_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self.wedged: list[dict[str, Any]] = []  # instances the watcher found wedged: {"model", "instance", "stalled_s"}
         self.instance_count = instance_count
         self.env = dict(env or {})
@@ -396,9 +398,11 @@ class TritonServer:
             backends = self._backend_directory()
             source = self._resolve_source()
             self.stop_file = self.tmp / "stop"  # its existence tells every instance to stop at the next step
+            self.admission_dir = self.tmp / "admission"
+            self.admission_dir.mkdir()
             params = {"model_source": source, "tracking_uri": self.tracking_uri or "",
                       "model_alias": self.model if self.alias else "", "stop_file": str(self.stop_file),
-                      "shm_prefix": self.shm_prefix, **self.parameters}
+                      "shm_prefix": self.shm_prefix, "admission_dir": str(self.admission_dir), **self.parameters}
             kind = "KIND_GPU" if str(self.parameters.get("device", "")) == "cuda" else None
             repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count,
                                     instance_kind=kind, max_queue_size=self.max_queue,
@@ -710,6 +714,26 @@ class TritonServer:
                 self._record(model, reason, self.served_version, True)
             except Exception as exc:
                 self._record(model, reason, self.served_version, False, str(exc))
+
+    def admit(self, model: str, values: Mapping[str, float]) -> None:
+        """The work-budget check before a request is queued (the front calls it): ``values`` are the request's
+        cost inputs (``serving.request.COST_INPUTS``); raises ``OverBudget`` as the model would. Without what the
+        model published (not loaded yet) the request goes on and the model checks it."""
+        from .request import check_budget_early
+
+        folder = self.admission_dir
+        if folder is None:
+            return
+        path = folder / f"{model}.json"
+        try:
+            mtime = path.stat().st_mtime
+            cached = self._admission_cache.get(model)
+            if cached is None or cached[0] != mtime:
+                cached = (mtime, json.loads(path.read_text()))
+                self._admission_cache[model] = cached
+        except (OSError, ValueError):
+            return
+        check_budget_early(values, cached[1]["defaults"], cached[1]["max_cost"])
 
     def check_wedged(self) -> list[dict[str, Any]]:
         """Find instances that are generating but made no progress for ``stall_timeout`` s (our metrics

@@ -429,15 +429,66 @@ def default_admission(defaults: Mapping[str, Any], device: str = "cpu", max_cost
     return Admission(max_cost=int(max_cost), deadline_s=float(deadline_s))
 
 
-def check_budget(req: GenerationRequest, admission: Admission) -> int:
+def check_budget(req: GenerationRequest | Mapping[str, Any], admission: Admission) -> int:
     """The request's cost, or ``OverBudget`` naming the cost, how it was counted and the budget."""
+    get = (lambda k: getattr(req, k)) if isinstance(req, GenerationRequest) else req.__getitem__
     cost = _cost_of(req)
     if cost > admission.max_cost:
-        cfg = " x 2 (CFG, GUIDANCE > 1)" if req.guidance > 1.0 else ""
+        cfg = " x 2 (CFG, GUIDANCE > 1)" if get("guidance") > 1.0 else ""
         raise OverBudget(
-            f"request cost {cost:,} ({req.num_frames} frames x {req.height} x {req.width} x {req.steps} steps{cfg}) "
-            f"exceeds this server's work budget of {admission.max_cost:,}: lower NUM_FRAMES, HEIGHT, WIDTH or STEPS")
+            f"request cost {cost:,} ({get('num_frames')} frames x {get('height')} x {get('width')} x "
+            f"{get('steps')} steps{cfg}) exceeds this server's work budget of {admission.max_cost:,}: lower "
+            f"NUM_FRAMES, HEIGHT, WIDTH or STEPS")
     return cost
+
+
+COST_INPUTS = {"NUM_FRAMES": "num_frames", "HEIGHT": "height", "WIDTH": "width", "STEPS": "steps",
+               "GUIDANCE": "guidance"}
+
+
+def check_budget_early(values: Mapping[str, float], defaults: Mapping[str, Any], max_cost: int) -> int:
+    """The budget check before a request is queued (the front, from what the model published): ``values`` are the
+    cost inputs a request gave (``COST_INPUTS`` names → number), the rest come from the model's ``defaults``."""
+    merged = {field: values.get(name, defaults.get(field)) for name, field in COST_INPUTS.items()}
+    if any(v is None or not math.isfinite(float(v)) for v in merged.values()):
+        return 0  # the model's own checks answer this one
+    return check_budget(merged, Admission(max_cost=int(max_cost), deadline_s=1.0))
+
+
+def cost_inputs_http(header: Mapping[str, Any], binary: bytes | None) -> dict[str, float]:
+    """The cost inputs of a checked KServe v2 HTTP infer request (JSON ``data`` or binary tensors in order)."""
+    out, offset = {}, 0
+    for tensor in header.get("inputs") or []:
+        size = int(((tensor.get("parameters") or {}).get("binary_data_size")) or 0)
+        name = tensor.get("name")
+        if size:
+            if name in COST_INPUTS and binary is not None:
+                dtype = np.float32 if tensor.get("datatype") == "FP32" else np.int64
+                out[name] = float(np.frombuffer(binary[offset:offset + size], dtype=dtype)[0])
+            offset += size
+        elif name in COST_INPUTS and tensor.get("data"):
+            data = tensor["data"]
+            while isinstance(data, list):
+                data = data[0]
+            out[name] = float(data)
+    return out
+
+
+def cost_inputs_grpc(request) -> dict[str, float]:
+    """The cost inputs of a checked ``ModelInferRequest`` (typed contents or ``raw_input_contents``)."""
+    out = {}
+    raw = list(request.raw_input_contents)
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name not in COST_INPUTS:
+            continue
+        fp = tensor.datatype == "FP32"
+        if raw:
+            out[tensor.name] = float(np.frombuffer(raw[i], dtype=np.float32 if fp else np.int64)[0])
+        else:
+            values = tensor.contents.fp32_contents if fp else tensor.contents.int64_contents
+            if values:
+                out[tensor.name] = float(values[0])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -469,7 +520,7 @@ def numpy_dtype(datatype: str):
     return {"BYTES": np.object_, "INT64": np.int64, "FP32": np.float32}[datatype]
 
 
-__all__ = ["Admission", "DEFAULT_LORA_ALPHA", "GenerationRequest", "INPUTS", "Limits", "MAX_SEED", "OUTPUTS",
-           "OverBudget", "REQUIRED", "RequestError", "STREAM_OUTPUTS", "check_budget", "check_lora_name",
-           "check_request", "default_admission", "merge_defaults", "numpy_dtype", "parse_request", "request_cost",
-           "resolve_lora", "to_inputs", "v2_defaults"]
+__all__ = ["Admission", "COST_INPUTS", "DEFAULT_LORA_ALPHA", "GenerationRequest", "INPUTS", "Limits", "MAX_SEED",
+           "OUTPUTS", "OverBudget", "REQUIRED", "RequestError", "STREAM_OUTPUTS", "check_budget", "check_budget_early",
+           "check_lora_name", "check_request", "cost_inputs_grpc", "cost_inputs_http", "default_admission",
+           "merge_defaults", "numpy_dtype", "parse_request", "request_cost", "resolve_lora", "to_inputs", "v2_defaults"]

@@ -157,6 +157,7 @@ class Endpoint:
 
     def _connect(self) -> None:
         s = self.server
+        self.front.admit = s.admit  # over-budget requests refused before Triton's queue (serving/launch.py)
         self.front.set_upstream(Upstream(s.http_url, s.grpc_url, s.metrics_url))
         self._state = "serving"
 

@@ -26,6 +26,8 @@ max_cost         work budget per request (``frames*height*width*steps``, x2 with
 deadline_s       seconds a request may compute before it is stopped at the next step; empty = version's/device's
 stop_file        set by the launcher: once this file exists every generation stops at its next denoising step
 shm_prefix       set by the launcher: the server's ``/dev/shm`` regions, removed by a stub whose server died
+admission_dir    set by the launcher: each model writes ``<model>.json`` there (budget, cost-input defaults) so the
+                 front refuses over-budget requests before they wait in Triton's queue
 ================ ======================================================================================================
 
 A request's LoRA is merged into the transformer for that request only (the whole file is checked first; the exact
@@ -418,6 +420,18 @@ def _outcome(exc: BaseException | None) -> str:
     return "failed"
 
 
+def _publish_admission(path: Path, model: LoadedModel) -> None:
+    """Write what the front needs to refuse an over-budget request before it is queued: the budget and the
+    defaults of the cost inputs (atomically: the front may read it any time)."""
+    from .request import COST_INPUTS
+
+    data = {"max_cost": model.admission.max_cost, "deadline_s": model.admission.deadline_s,
+            "defaults": {field: model.defaults[field] for field in COST_INPUTS.values()}}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 LAUNCHER_PID_ENV = "EASYANIMATE_LAUNCHER_PID"  # set by serving.launch: the process the server must not outlive
 
 
@@ -492,6 +506,8 @@ class TritonPythonModel:
             deadline_s=float(params.get("deadline_s") or 0) or None,
         )
         self.stop_file = params.get("stop_file") or ""
+        if params.get("admission_dir"):  # the launcher's front refuses over-budget requests before they queue
+            _publish_admission(Path(params["admission_dir"]) / f"{self.name}.json", self.model)
         _start_parent_watchdog(params.get("shm_prefix") or "")
         try:
             self.metrics = ServingMetrics(self.name, self.instance or self.name)

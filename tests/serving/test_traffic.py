@@ -243,7 +243,7 @@ def _tree_gone(pids: list[int]) -> bool:
 @pytest.mark.slow
 def test_sigterm_mid_request_stops_the_tree_within_exit_timeout(tmp_path):
     exit_timeout = 5
-    proc, info = _serve(tmp_path, "--exit-timeout", str(exit_timeout), "--max-cost", str(10**9))
+    proc, info = _serve(tmp_path, "--exit-timeout", str(exit_timeout), "--max-cost", str(BUDGET))
     tree = [proc.pid, info["pid"], *[p for p, _ in _proc_children(info["pid"])]]
     grpc = info["grpc"].removeprefix("grpc://")
     outcome: dict = {}
@@ -262,6 +262,14 @@ def test_sigterm_mid_request_stops_the_tree_within_exit_timeout(tmp_path):
             return any(line.startswith(STEPS) and not line.endswith(" 0") for line in resp.read().decode().splitlines())
 
     _wait(running, 60, "the long request to run", interval=0.2)
+    # over budget while the only instance is busy: refused by the front at once, not after waiting in the queue
+    huge = to_inputs("a red kite", num_frames=144, height=1280, width=1280, steps=100)
+    for call in (lambda: client.infer_http(info["http"].removeprefix("http://"), huge, timeout=30),
+                 lambda: client.infer_grpc(grpc, huge, timeout=30)):
+        begin = time.perf_counter()
+        with pytest.raises(client.ServerError, match=f"request cost 47,185,920,000 .* work budget of {BUDGET:,}"):
+            call()
+        assert time.perf_counter() - begin < 1.0, "an over-budget request must be refused in under 1 s"
     begin = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _wait(lambda: proc.poll() is not None and _tree_gone(tree), exit_timeout + 5,
