@@ -79,6 +79,18 @@ def length_slider(edition: str, served: dict[str, Any] | None = None) -> dict[st
     return {"minimum": lo, "maximum": hi, "step": step, "value": hi}
 NO_LORA = "none"
 SERVED = "(as served)"
+EXAMPLE_COUNT = 6  # example prompts under the prompt box: captions of the packaged sample clips (make demo trains on them)
+
+
+def example_prompts(count: int = EXAMPLE_COUNT) -> list[str]:
+    """Captions of the packaged sample videos (``easyanimate sample-data``), one per video first: what a model trained
+    by ``make demo`` knows."""
+    from easyanimate.data.sample import sample_captions
+
+    captions = [r for r in sample_captions() if r["file"].startswith("videos/")]
+    firsts = list({r["file"]: r["text"] for r in reversed(captions)}.values())[::-1]
+    rest = [r["text"] for r in captions if r["text"] not in firsts]
+    return (firsts + rest)[:count]
 MAX_SEED_UI = 10**8  # V2's dice: random.randint(1, 1e8)
 GALLERY_LIMIT = 48
 _SAVE_LOCK = threading.Lock()
@@ -414,6 +426,8 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
                                 placeholder="This video shows the majestic beauty of a waterfall cascading down a "
                                             "cliff into a serene lake.")
+            gr.Examples(example_prompts(), inputs=prompt, label="Example prompts (the sample clips' captions)",
+                        elem_id="examples")
             negative_prompt = gr.Textbox(label="Negative prompt", lines=2, value=V2_NEGATIVE_PROMPT,
                                          elem_id="negative-prompt")
             with gr.Row():
@@ -439,11 +453,14 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
                         seed = gr.Number(label="Seed", value=V2_DEFAULTS["seed"], precision=0, minimum=0,
                                          elem_id="seed", scale=3)
                         dice = gr.Button("⚄", scale=0, min_width=50, elem_id="seed-dice")
-                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    with gr.Row():
+                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
                 with gr.Column():
                     result_image = gr.Image(label="Generated image", visible=False, interactive=False,
                                             elem_id="result-image")
-                    result_video = gr.Video(label="Generated animation", interactive=False, elem_id="result-video")
+                    result_video = gr.Video(label="Generated animation", interactive=False, elem_id="result-video",
+                                            loop=True, autoplay=True)
                     status = gr.Markdown("", elem_id="status-box")
         with gr.Column(variant="panel"):
             gr.Markdown("### 3. Past results")
@@ -523,13 +540,15 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
                 served_text += " (the model selection is recorded, not sent: the server serves one model)"
             return image_out, video_out, text, gallery_items(samples_dir), served_text
 
-        generate_btn.click(
+        generation = generate_btn.click(
             on_generate,
             inputs=[edition, model, lora, lora_alpha, prompt, negative_prompt, sampler, steps, width, height, is_image,
                     length, cfg, seed, accel],
             outputs=[result_image, result_video, status, gallery, served],
             concurrency_limit=1,
         )
+        # stops waiting for the answer and frees the page (the server finishes or drops the request on its side)
+        cancel_btn.click(lambda: "Cancelled.", outputs=status, cancels=[generation], queue=False)
     demo.samples_dir = samples_dir  # for launch(): allowed_paths
     return demo
 
