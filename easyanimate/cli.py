@@ -75,7 +75,8 @@ def generate(
     out: Path = typer.Option(Path("outputs/sample.mp4"), "--out", help="output .mp4 (.png for 1 frame)"),
     model: str | None = typer.Option(None, "--model", help="'tiny' (random tiny weights) or a pipeline folder"),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt"),
-    frames: int | None = typer.Option(None, "--frames", help="1, or the VAE's rule: a multiple of 9 (V2) or 1 + 8k (slice VAE)"),
+    frames: int | None = typer.Option(None, "--frames", help="1, or the VAE's rule: a multiple of 9 (V2) or 1 + 8k "
+                                      "(slice VAE)"),
     height: int | None = typer.Option(None),
     width: int | None = typer.Option(None),
     steps: int | None = typer.Option(None),
@@ -500,6 +501,39 @@ def demo(
     summary = Path(out) / "demo_summary.json"
     summary.write_text(json.dumps(result, indent=1, default=str))
     typer.echo(f"  summary          {summary}")
+
+
+@app.command("mlflow")
+def mlflow_cmd(
+    root: Path = typer.Option(Path("outputs/mlflow"), "--root", help="store (mlflow.db) and artifacts folder"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind"),
+    port: int = typer.Option(5000, "--port", help="the port the README's commands use"),
+) -> None:
+    """Start a local MLflow tracking + registry server (artifacts proxied) for the pipeline, serve and the web UI;
+    prints its URI, runs until Ctrl-C / SIGTERM."""
+    import signal
+    import socket
+
+    from serving.mlflow_local import MlflowServer
+
+    with socket.socket() as probe:
+        if probe.connect_ex((host, port)) == 0:
+            raise typer.BadParameter(f"expected a free port, but something already listens on {host}:{port} "
+                                     "(an MLflow server started before? use it, or pick another --port)",
+                                     param_hint="--port")
+    server = MlflowServer(root, host=host, port=port, proxy_artifacts=True).start()
+    typer.echo(f"MLflow at {server.uri} (store {server.root}); export MLFLOW_TRACKING_URI={server.uri}")
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while server.proc is not None and server.proc.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 @app.command("ui")

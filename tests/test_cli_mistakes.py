@@ -57,3 +57,16 @@ def test_training_without_its_data_leaves_no_output_folder(tmp_path, capsys, mon
         line = _refused(capsys, [command, "--output", str(tmp_path / "run")])
         assert "Missing option '--data'" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mlflow_on_a_busy_port_is_refused(tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        line = _refused(capsys, ["mlflow", "--port", str(port), "--root", str(tmp_path / "store")])
+    assert f"127.0.0.1:{port}" in line and "--port" in line
+    assert list(tmp_path.iterdir()) == []
