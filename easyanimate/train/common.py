@@ -493,9 +493,12 @@ def _model_state(model: torch.nn.Module, trainable_only: bool) -> dict[str, torc
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_model(model: torch.nn.Module, folder: Path, trainable_only: bool) -> dict[str, Any]:
+def _save_model(model: torch.nn.Module, folder: Path, trainable_only: bool,
+                full_state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     folder.mkdir(parents=True)
     state = _model_state(model, trainable_only)
+    if full_state is not None:  # FSDP2: the gathered full tensors replace the local shards (same names)
+        state = {k: full_state[k] for k in state}
     is_diffusers = hasattr(model, "save_config") and hasattr(model, "config")
     fname = "diffusion_pytorch_model.safetensors" if is_diffusers and not trainable_only else "model.safetensors"
     save_file(_safe_tensors(state), str(folder / fname), metadata={"format": "pt"})
@@ -537,6 +540,8 @@ def save_checkpoint(
     deepspeed = _is_deepspeed(accelerator)
     # ZeRO partitions the optimizer state: every rank's part is kept (DeepSpeed reloads them as a list by rank)
     opt_all = {n: _gather_objects(o.state_dict(), accelerator) for n, o in optimizers.items()} if deepspeed else None
+    # FSDP2 (easyanimate.train.fsdp): gather full weights/optimizer state on every rank (collective), rank 0 writes
+    fsdp_models, fsdp_opts = _fsdp2_full_states(models, optimizers, accelerator)
     final = checkpoints_dir(output) / f"checkpoint-{int(step)}"
     if rank == 0:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -547,13 +552,14 @@ def save_checkpoint(
                                     "time": time.time(), "models": {}, "optimizers": [], "schedulers": [], "ema": [],
                                     "deepspeed": deepspeed}
             for name, model in models.items():
-                meta["models"][name] = _save_model(_unwrap(model, accelerator), tmp / name, trainable_only)
+                meta["models"][name] = _save_model(_unwrap(model, accelerator), tmp / name, trainable_only,
+                                                   fsdp_models.get(name))
             for name, opt in optimizers.items():
                 if opt_all is not None:  # ZeRO: each rank holds its own partition
                     for r, state in enumerate(opt_all[name]):
                         save_tree(state, tmp, f"optimizer-{name}.rank-{r}")
                 else:
-                    save_tree(opt.state_dict(), tmp, f"optimizer-{name}")
+                    save_tree(fsdp_opts[name] if name in fsdp_opts else opt.state_dict(), tmp, f"optimizer-{name}")
                 meta["optimizers"].append(name)
             for name, sched in schedulers.items():
                 save_tree(sched.state_dict(), tmp, f"scheduler-{name}")
@@ -578,13 +584,38 @@ def save_checkpoint(
     return final
 
 
-def _load_model(model: torch.nn.Module, folder: Path, info: dict[str, Any]) -> None:
+def _fsdp2_names(models: dict[str, torch.nn.Module], accelerator) -> set[str]:
+    from easyanimate.train.fsdp import is_fsdp2
+
+    return {n for n, m in models.items() if is_fsdp2(_unwrap(m, accelerator))}
+
+
+def _fsdp2_full_states(models, optimizers, accelerator) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``({name: full model state}, {name: full optimizer state})`` for the FSDP2-sharded models (rank 0 holds the
+    tensors, other ranks empty dicts); every rank must call it."""
+    names = _fsdp2_names(models, accelerator)
+    if not names:
+        return {}, {}
+    from easyanimate.train.fsdp import full_model_state, full_optimizer_state
+
+    full_models = {n: full_model_state(_unwrap(models[n], accelerator)) for n in names}
+    full_opts = {n: full_optimizer_state(_unwrap(models[n], accelerator), optimizers[n]) for n in names
+                 if n in optimizers}
+    return full_models, full_opts
+
+
+def _read_model_state(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no .safetensors weights in this checkpoint part")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    return state
+
+
+def _load_model(model: torch.nn.Module, folder: Path, info: dict[str, Any]) -> None:
+    state = _read_model_state(folder)
     partial = bool(info.get("partial"))
     result = model.load_state_dict(state, strict=not partial)
     if partial and result.unexpected_keys:
@@ -628,9 +659,21 @@ def load_checkpoint(
     need("optimizer", optimizers, meta["optimizers"])
     need("scheduler", schedulers, meta["schedulers"])
     need("EMA", ema or {}, meta["ema"])
+    fsdp2 = _fsdp2_names(models, accelerator)
     for name, model in models.items():
+        if name in fsdp2:  # rank 0 reads the full tensors, they are scattered into every rank's shards
+            from easyanimate.train.fsdp import load_full_state
+
+            unwrapped = _unwrap(model, accelerator)
+            state = _read_model_state(path / name) if rank == 0 else {}
+            opt = optimizers.get(name)
+            opt_state = load_tree(path, f"optimizer-{name}") if rank == 0 and opt is not None else {}
+            load_full_state(unwrapped, opt, state, opt_state if opt is not None else None)
+            continue
         _load_model(_unwrap(model, accelerator), path / name, meta["models"][name])
     for name, opt in optimizers.items():
+        if name in fsdp2:
+            continue
         if (path / f"optimizer-{name}.rank-0.json").is_file():  # ZeRO: one partition per rank
             if int(meta["world_size"]) != world:
                 raise ValueError(f"{path}: ZeRO optimizer state was saved by {meta['world_size']} ranks, this run "

@@ -11,8 +11,11 @@ gloo on CPU): what the two-process CPU tests run.
 Checkpoints stay safetensors and resume exactly: :func:`full_model_state` / :func:`full_optimizer_state` gather the
 sharded DTensors into ordinary full tensors (collectives: every rank calls them; rank 0 receives the result, other
 ranks an empty dict), which the checkpoint writer stores as before, and :func:`load_full_state` scatters a full
-state back into the shards (rank 0 reads, broadcast to the others). The files are the same as a one-process run's,
-so an FSDP2 checkpoint resumes on any number of ranks, with or without FSDP.
+state back into the shards (rank 0 reads, broadcast to the others). ``easyanimate.train.common.save_checkpoint`` /
+``load_checkpoint`` do this for any FSDP2-sharded model they are given. The weights file is the same as a
+one-process run's (``transformer/diffusion_pytorch_model.safetensors``, usable by the pipeline as is); the
+optimizer state is keyed by parameter name (torch's full-state format), so it resumes under FSDP2 on any number
+of ranks.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ def test_fsdp2_two_process_loss_follows_single_process(fsdp2_result):
 
 def test_fsdp2_resume_from_safetensors_is_bit_identical(fsdp2_result):
     rec = fsdp2_result[0]
-    assert rec["checkpoint_files"] == ["model.json", "model.safetensors", "optimizer.json", "optimizer.safetensors"]
+    # the trainers' checkpoint (save_checkpoint / load_checkpoint): full tensors in safetensors, as one process writes
+    assert "transformer/diffusion_pytorch_model.safetensors" in rec["checkpoint_files"], rec["checkpoint_files"]
+    assert "optimizer-transformer.safetensors" in rec["checkpoint_files"], rec["checkpoint_files"]
     assert rec["resumed_losses"] == rec["losses"], f"resumed {rec['resumed_losses']} vs straight {rec['losses']}"
     assert rec["resume_bit_identical"], f"resumed weights differ by up to {rec['resume_param_max_abs']}"

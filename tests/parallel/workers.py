@@ -134,9 +134,8 @@ def fsdp2_train(rank: int, world: int, port: int, out_dir: str, preset: str, ste
         import torch
 
         from easyanimate.runtime import adamw
-        from easyanimate.train.common import load_tree, save_tree
-        from easyanimate.train.fsdp import (full_model_state, full_optimizer_state, is_fsdp2, load_full_state,
-                                            shard_transformer)
+        from easyanimate.train.common import load_checkpoint, save_checkpoint
+        from easyanimate.train.fsdp import full_model_state, is_fsdp2, shard_transformer
 
         _join(rank, world, port)
         cfg, ref = _model(preset, [])
@@ -155,17 +154,15 @@ def fsdp2_train(rank: int, world: int, port: int, out_dir: str, preset: str, ste
 
         # resume: half the steps, a safetensors checkpoint, a fresh sharded model + optimizer, the other half
         half = steps // 2
-        ckpt = Path(out_dir, "ckpt")
+        run = Path(out_dir, "run")
         _, model_a = _model(preset, [])
         model_a.train()
         shard_transformer(model_a)
         opt_a = adamw(model_a.parameters(), lr=1e-3)
         first = _train_steps(model_a, opt_a, cfg, range(half), mine, reduce=True)
-        msd, osd = full_model_state(model_a), full_optimizer_state(model_a, opt_a)
-        if rank == 0:
-            ckpt.mkdir()
-            save_tree(msd, ckpt, "model")
-            save_tree(osd, ckpt, "optimizer")
+        # the trainers' checkpoint writer: it gathers the FSDP2 shards into full safetensors (every rank calls it)
+        ckpt = save_checkpoint(run, half, models={"transformer": model_a}, optimizers={"transformer": opt_a},
+                               schedulers={}, keep_last=0)
         import torch.distributed as dist
 
         dist.barrier()
@@ -176,8 +173,7 @@ def fsdp2_train(rank: int, world: int, port: int, out_dir: str, preset: str, ste
             torch.nn.init.normal_(p.data, 0, 0.5)
         shard_transformer(model_b)
         opt_b = adamw(model_b.parameters(), lr=1e-3)
-        load_full_state(model_b, opt_b, load_tree(ckpt, "model") if rank == 0 else {},
-                        load_tree(ckpt, "optimizer") if rank == 0 else {})
+        load_checkpoint(ckpt, models={"transformer": model_b}, optimizers={"transformer": opt_b}, schedulers={})
         second = _train_steps(model_b, opt_b, cfg, range(half, steps), mine, reduce=True)
         resumed = full_model_state(model_b)
         record = {"ok": True, "sharded": is_fsdp2(model), "ref_losses": ref_losses, "losses": losses,
@@ -186,7 +182,7 @@ def fsdp2_train(rank: int, world: int, port: int, out_dir: str, preset: str, ste
             record["param_max_abs_vs_ref"] = max(float((final[k] - ref_state[k]).abs().max()) for k in ref_state)
             record["resume_param_max_abs"] = max(float((final[k] - resumed[k]).abs().max()) for k in final)
             record["resume_bit_identical"] = all(torch.equal(final[k], resumed[k]) for k in final)
-            record["checkpoint_files"] = sorted(p.name for p in ckpt.iterdir())
+            record["checkpoint_files"] = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*.safetensors"))
         Path(out_dir, f"rank-{rank}.json").write_text(json.dumps(record))
     except Exception:  # noqa: BLE001 - reported to the test through the result file
         Path(out_dir, f"rank-{rank}.json").write_text(json.dumps({"ok": False, "error": traceback.format_exc()}))
