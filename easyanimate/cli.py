@@ -91,6 +91,9 @@ def generate(
                                      "meeting the quality bar here), or key=value items, e.g. cache=first_block,"
                                      "threshold=0.08 / default,dtype=bf16 (default: the config's generate.accel)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    parallel: str | None = typer.Option(None, "--parallel", help="split the DiT across the processes of "
+                                        "torchrun --nproc_per_node N: ulysses=N | ring=N (GPU) | cfg (2) | "
+                                        "cfg,ulysses=N (2N); gloo on CPU, NCCL on GPUs; rank 0 writes --out"),
     preset: str | None = typer.Option(None, "--preset", help="preset name or YAML file (default: tiny with "
                                          "--model tiny or no model, v2_512 with a folder)"),
     overrides: list[str] | None = SetOpt,
@@ -135,6 +138,16 @@ def generate(
         raise typer.BadParameter(str(exc)) from exc
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    rank = 0
+    if parallel:
+        from .parallel import ParallelError, init_distributed, parse_parallel
+
+        try:
+            parse_parallel(parallel)
+        except ParallelError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--parallel") from exc
+        rank, _, rank_device = init_distributed()  # this rank's device: cuda:<LOCAL_RANK> or cpu
+        dev = str(rank_device)
     from .accel import AccelError, resolve, to_spec
 
     try:
@@ -146,6 +159,11 @@ def generate(
     if lora is not None:
         n = merge_lora(pipe.transformer, lora, lora_scale, text_encoder=pipe.text_encoder)
         typer.echo(f"merged LoRA {lora.name} into {n} layers (scale {lora_scale})", err=True)
+    if parallel:
+        try:
+            pipe.set_parallel(parallel)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--parallel") from exc
     t_load = time.perf_counter() - t0
     generator = torch.Generator("cpu").manual_seed(seed if seed is not None else g.seed)
     try:
@@ -163,10 +181,14 @@ def generate(
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if rank != 0:  # every rank holds the same video; rank 0 writes it
+        return
     write_video(out, result.videos[0], fps=fps or g.fps)
     info = {"out": str(out), "frames": n_frames, "height": height or g.height, "width": width or g.width,
             "sampler": sampler_name, "accel": to_spec(accel_setting), "seconds_load": round(t_load, 2),
             "seconds_total": round(time.perf_counter() - t0, 2)}
+    if parallel:
+        info["parallel"] = str(pipe.parallel)
     typer.echo(json.dumps(info))
 
 
@@ -218,6 +240,10 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
     dtype: str = typer.Option("", "--dtype", help="transformer/VAE dtype (default: as stored)"),
     instances: int | None = typer.Option(None, "--instances", help="instances per model (default: config.pbtxt's)"),
+    gpus: str | None = typer.Option(None, "--gpus", help="several devices: one instance per listed GPU (e.g. 0,1,2,3; "
+                                    "'all' = every visible GPU), --instances of them on each; implies --device cuda. "
+                                    "Throughput scales with the GPUs; one video's latency is one GPU's (for that, "
+                                    "generate --parallel under torchrun)"),
     log: str | None = typer.Option("-", "--log", help="tritonserver log file ('-' = this terminal)"),
     lora_dir: Path | None = typer.Option(None, "--lora-dir", help="folder of official-format LoRA .safetensors that "
                                          "requests may name in LORA (default: LoRA disabled)"),
@@ -253,6 +279,15 @@ def serve(
                                  "(nothing is created in this folder)", param_hint="--tracking-uri")
     if model != "tiny" and not model.startswith("models:/"):
         _pipeline_folder(model)
+    if gpus:  # one instance per device: Triton's KIND_GPU places the instance group on every visible GPU
+        if gpus.strip().lower() != "all":
+            ids = [g.strip() for g in gpus.split(",") if g.strip()]
+            if not ids or not all(g.isdigit() for g in ids):
+                raise typer.BadParameter(f"expected GPU indices like 0,1 or 'all', got {gpus!r}", param_hint="--gpus")
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)  # inherited by tritonserver and its model stubs
+        if device not in ("auto", "cuda"):
+            raise typer.BadParameter(f"--gpus serves on GPUs; got --device {device}", param_hint="--gpus")
+        device = "cuda"
     from serving.launch import TritonLaunchError, TritonServer
     from serving.supervisor import Endpoint
 

@@ -112,6 +112,15 @@ class EasyAnimatePipeline(DiffusionPipeline):
         """Swap the scheduler for a V2 sampler name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")."""
         self.scheduler = make_scheduler(name)
 
+    def set_parallel(self, parallel: str | None) -> None:
+        """Split the DiT across the torchrun process group (easyanimate.parallel): ``"ulysses=N"``, ``"ring=N"``
+        (GPU), ``"cfg"`` (2 ranks), ``"cfg,ulysses=N"``. Joins the group if needed (gloo on CPU, NCCL on GPUs); move
+        the pipeline to this rank's device first. Every rank then runs each call and gets the same videos."""
+        from .parallel import apply_parallel, init_distributed
+
+        init_distributed()
+        self.parallel = apply_parallel(self.transformer, parallel)
+
     def set_accel(self, accel: AccelConfig | str | None) -> None:
         """The acceleration setting of later calls that pass no ``accel`` (spec string such as ``"default"``,
         ``"cache=first_block,threshold=0.08"``, or an ``AccelConfig``; None = exact). Checked now for this device."""
