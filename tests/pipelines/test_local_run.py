@@ -150,3 +150,12 @@ def test_mlflow_shows_datasets_system_metrics_and_outcomes(runs):
     rejected = client.get_model_version(name, runs["second"]["model_version"])
     assert rejected.description.startswith("**rejected") and "≤ 0" in rejected.description
     assert f"Champion: version {first['model_version']}" in client.get_registered_model(name).description
+    # the pyfunc says what it takes and returns, with an example request (MLflow's "Schema" panel)
+    import mlflow
+    from mlflow.models import Model
+
+    root = client.get_model_version_download_uri(name, first["model_version"]).rstrip("/")
+    mlmodel = Model.load(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel",
+                                                             tracking_uri=client.tracking_uri))
+    assert "prompt" in mlmodel.signature.inputs.input_names() and mlmodel.signature.outputs is not None
+    assert mlmodel.saved_input_example_info is not None
