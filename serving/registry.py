@@ -232,9 +232,11 @@ def register_pipeline(
                 artifact = folder
             model_id, model_uri, model_location = _log_pyfunc(client, run_id, artifact, tmp,
                                                               _with_accel(generate_defaults))
-        if metrics:
+        if metrics:  # on the run and on the logged model (its Metrics tab, the models list's columns)
             now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0, model_id=model_id) for k, v in metrics.items()])
+        client.log_model_params(model_id, {k: v[:500] for k, v in {**tags, "storage": "by_reference" if by_reference
+                                                                    else "copied"}.items()})
 
         try:
             client.create_registered_model(name, description=MODEL_DESCRIPTION)

@@ -159,3 +159,5 @@ def test_mlflow_shows_datasets_system_metrics_and_outcomes(runs):
                                                              tracking_uri=client.tracking_uri))
     assert "prompt" in mlmodel.signature.inputs.input_names() and mlmodel.signature.outputs is not None
     assert mlmodel.saved_input_example_info is not None
+    logged = client.get_logged_model(mv.source.split("/")[-1])  # models:/<model id>
+    assert {m.key for m in logged.metrics} >= {"val_loss", "vae_psnr"} and logged.params["preset"] == "tiny"
