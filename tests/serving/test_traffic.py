@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"num_frames": 9, "height": 48, "width": 48, "steps": 2, "seed": 3}
 LARGE = {"num_frames": 9, "height": 256, "width": 256, "steps": 60, "seed": 4}  # ~0.2-0.5 s a step on 2 cores
 STEPS = "easyanimate_denoise_steps_total"
-LONGEST = {"num_frames": 18, "height": 256, "width": 256, "steps": 100}  # what the test server's budget allows
+LONGEST = {"num_frames": 36, "height": 256, "width": 256, "steps": 100}  # what the test server's budget allows
 BUDGET = request_cost(**LONGEST, guidance=6.0)
 
 
