@@ -227,7 +227,8 @@ def main() -> None:
     print(json.dumps({
         "variant": args.variant, "allocator": allocator_state(),
         "optimizer": {k: opt.defaults.get(k) for k in ("fused", "foreach")},
-        "preset": args.preset, "overrides": args.set, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "preset": args.preset, "overrides": args.set,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": args.dtype,
         "height": args.height, "width": args.width, "batch": args.batch,
         "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
