@@ -241,6 +241,14 @@ def xl_pipeline(device: str):
             super().__init__()
             self.embed = nn.Embedding(vocab, 4096)
 
+        @property
+        def dtype(self):
+            return self.embed.weight.dtype
+
+        @property
+        def device(self):
+            return self.embed.weight.device
+
         def forward(self, ids, attention_mask=None):
             return (self.embed(ids),)
 
