@@ -77,3 +77,18 @@ def test_parse_and_refusals():
     model = Transformer3DModel(**load_config("tiny").model.transformer.to_model_kwargs())
     with pytest.raises(ParallelError, match="needs 2 processes, this run has 1"):
         _check(parse_parallel("ulysses=2"), model, torch.device("cpu"))
+
+
+def test_cli_parallel_refusals(tmp_path):
+    import subprocess
+    import sys
+
+    def run(spec):
+        return subprocess.run([sys.executable, "-m", "easyanimate", "generate", "--parallel", spec, "--steps", "1",
+                               "--out", str(tmp_path / "x.mp4")], capture_output=True, text=True, timeout=300)
+
+    bad = run("tp=2")
+    assert bad.returncode == 2 and "unknown part 'tp=2'" in bad.stderr, bad.stderr[-800:]
+    alone = run("ulysses=2")  # not under torchrun: one process
+    assert alone.returncode == 2 and "needs 2 processes, this run has 1" in alone.stderr, alone.stderr[-800:]
+    assert not (tmp_path / "x.mp4").exists()
