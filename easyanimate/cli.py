@@ -425,8 +425,23 @@ ResumeOpt = typer.Option(None, "--resume", help="'latest' or a checkpoint folder
 TRACEBACK_ENV = "EASYANIMATE_TRACEBACK"  # set to 1 to see the traceback of a refused input
 
 
-def _refuse(exc: Exception, data: Path) -> None:
-    """A bad input (data file, config, checkpoint) as one line on stderr and exit code 2, naming the file."""
+def _check_meta(cfg, data: Path) -> None:
+    """The meta file read and validated as the trainers will (before a model loads or the output folder exists)."""
+    from .data.meta import load_meta
+
+    try:
+        load_meta(data, cfg.data.root or None, cfg.data.allow_absolute_paths)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        _refuse(exc, data)
+
+
+def _refuse(exc: Exception, data: Path, created: Path | None = None) -> None:
+    """A bad input (data file, config, checkpoint) as one line on stderr and exit code 2, naming the file;
+    ``created``: the output folder this call made, removed (a refused run leaves nothing behind)."""
+    if created is not None:
+        import shutil
+
+        shutil.rmtree(created, ignore_errors=True)
     if os.environ.get(TRACEBACK_ENV) == "1":
         raise exc
     message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -452,10 +467,12 @@ def train_vae_cmd(
     from .train.vae import train_vae
 
     cfg = _config(preset, overrides)
+    _check_meta(cfg, data)
+    fresh = not output.exists()
     try:
         summary = train_vae(cfg, data, output, resume=resume)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # bad data/config/checkpoint: one line, exit 2
-        _refuse(exc, data)
+        _refuse(exc, data, output if fresh else None)
     _echo_rank0(summary)
 
 
@@ -473,10 +490,12 @@ def train_dit_cmd(
     from .train.dit import train_dit
 
     cfg = _config(preset, overrides)
+    _check_meta(cfg, data)
+    fresh = not output.exists()
     try:
         summary = train_dit(cfg, data, output, resume=resume, lora=lora)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # bad data/config/checkpoint: one line, exit 2
-        _refuse(exc, data)
+        _refuse(exc, data, output if fresh else None)
     _echo_rank0(summary)
 
 

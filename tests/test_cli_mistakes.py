@@ -56,6 +56,10 @@ def test_training_without_its_data_leaves_no_output_folder(tmp_path, capsys, mon
         assert "meta.json" in line, line
         line = _refused(capsys, [command, "--output", str(tmp_path / "run")])
         assert "Missing option '--data'" in line
+        (tmp_path / "bad.json").write_text("not json")
+        line = _refused(capsys, [command, "--data", str(tmp_path / "bad.json"), "--output", str(tmp_path / "run")])
+        assert "bad.json: not valid JSON" in line
+        (tmp_path / "bad.json").unlink()
     assert list(tmp_path.iterdir()) == []
 
 
