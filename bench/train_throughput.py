@@ -191,6 +191,7 @@ def main() -> None:
                     help="config override, e.g. model.transformer.num_layers=4 (repeatable)")
     ap.add_argument("--variant", default="ours", choices=["ours", "plain"],
                     help="ours: easyanimate.runtime (allocator tuning + fused AdamW); plain: a plain PyTorch loop")
+    ap.add_argument("--plain", dest="variant", action="store_const", const="plain", help="= --variant plain")
     ap.add_argument("--compare", type=int, default=0, metavar="R",
                     help="run plain and ours R times each in fresh processes, interleaved, and summarise")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
