@@ -19,7 +19,7 @@ from easyanimate import accel as A
 from easyanimate.config import AccelConfig, load_config
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "accel_exact_tiny_latents.safetensors"
-STEPS = 30
+STEPS = 20
 PROMPTS = ("a red ball rolls to the right", "a blue square slides down")
 
 
@@ -64,7 +64,7 @@ def _moving_latents() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained_pipe():
-    """The tiny pipeline after 150 training steps on two fixed latent videos (about 10 s on 2 idle cores)."""
+    """The tiny pipeline after 100 training steps on two fixed latent videos."""
     from diffusers import DDPMScheduler
 
     from easyanimate.pipeline import build_pipeline
@@ -81,7 +81,7 @@ def trained_pipe():
     model = pipe.transformer.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
-    for step in range(150):
+    for step in range(100):
         t = torch.randint(0, 1000, (2,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         drop = step % 5 == 0  # some unconditional steps, as caption dropout does, so CFG means something
