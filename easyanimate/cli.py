@@ -332,12 +332,15 @@ def serve(
 def _serve_docker(model: str, *, host: str, ports: tuple, tracking_uri: str | None, lora_dir: Path | None) -> None:
     """``serve --docker``: the same command in the Triton image (serving/container.py); free ports when not given.
     Every other option given here is passed on to `serve` in the container as it was given."""
-    import click
+    try:  # typer >= 0.2x carries its own click
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
 
     from serving.container import serve_in_docker
     from serving.mlflow_local import free_port
 
-    ctx = click.get_current_context()
+    ctx = get_current_context()
     own = {"model", "host", "http_port", "grpc_port", "metrics_port", "tracking_uri", "lora_dir", "log", "docker"}
     args: list[str] = []
     for param in ctx.command.params:

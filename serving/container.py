@@ -69,4 +69,25 @@ def serve_in_docker(model: str, *, image: str | None = None, **kwargs) -> int:
     if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0:
         raise FileNotFoundError(f"Triton image {image} is not on this Docker engine; build it with `make images` "
                                 f"(or set EASYANIMATE_TRITON_IMAGE)")
-    return subprocess.run(docker_serve_argv(model, image=image, **kwargs)).returncode
+    import signal
+    import uuid
+
+    name = kwargs.pop("name", None) or f"easyanimate-serve-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen(docker_serve_argv(model, image=image, name=name, **kwargs))
+
+    def _stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # the container outlives a killed `docker run` client: stop it (SIGTERM: serve drains, then exits)
+        subprocess.run(["docker", "stop", "-t", "40", name], capture_output=True, timeout=120)
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
