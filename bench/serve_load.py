@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving import client  # noqa: E402
 from serving.request import request_cost, to_inputs  # noqa: E402
+from serving.triton_model import _alive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"num_frames": 9, "height": 48, "width": 48, "steps": 3}
@@ -70,14 +71,6 @@ def _rss_mb(pids: list[int]) -> float:
         except OSError:
             continue
     return round(total / 1024, 1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
 def _classify(message: str) -> str:

@@ -249,6 +249,9 @@ def serve(
                                          "requests may name in LORA (default: LoRA disabled)"),
     max_restarts: int = typer.Option(5, "--max-restarts", help="restart a tritonserver that dies this many times "
                                      "(back-off 1, 2, 4, 8, 16 s) before giving up"),
+    allow_ungated: bool = typer.Option(False, "--allow-ungated", help="serve an alias target whose evaluation "
+                                       "failed or is missing (default: refused; e.g. the official weights "
+                                       "registered without an evaluation)"),
     max_cost: int | None = typer.Option(None, "--max-cost", help="work budget per request in frames*height*width*steps "
                                         "(x2 with CFG); more is refused at once (default: the version's, else 4x the "
                                         "default request on CPU, one 144x768x768 request on GPU)"),
@@ -298,6 +301,7 @@ def serve(
                               parameters={"device": device, "dtype": dtype}, instance_count=instances, log=log,
                               lora_dir=lora_dir, max_cost=max_cost, deadline_s=deadline, max_queue=max_queue,
                               queue_timeout=queue_timeout, stall_timeout=stall_timeout, exit_timeout=exit_timeout)
+        server.allow_ungated = allow_ungated
         server = Endpoint(server, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           max_restarts=max_restarts)
     except (FileNotFoundError, ValueError) as exc:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .launch import local_host
+
 logger = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
@@ -549,21 +551,16 @@ class Front:
     # -- addresses ------------------------------------------------------------------------------------------------
 
     @property
-    def _local_host(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
-        return f"[{host}]" if ":" in host else host
-
-    @property
     def http_url(self) -> str:
-        return f"http://{self._local_host}:{self.http_port}"
+        return f"http://{local_host(self.host)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self._local_host}:{self.grpc_port}"
+        return f"{local_host(self.host)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str | None:
-        return f"http://{self._local_host}:{self.metrics_port}/metrics" if self.metrics_port else None
+        return f"http://{local_host(self.host)}:{self.metrics_port}/metrics" if self.metrics_port else None
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 

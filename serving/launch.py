@@ -68,6 +68,13 @@ class TritonLaunchError(RuntimeError):
 # pure helpers
 
 
+def local_host(host: str) -> str:
+    """The address a local client uses to reach a server bound to ``host`` (loopback for "all addresses"), bracketed
+    for IPv6 so it can go into a URL."""
+    host = _LOOPBACK.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free now (Triton rejects port 0, so we pick; a race with another process is retried)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -348,8 +355,7 @@ class TritonServer:
 
     @property
     def _local_host(self) -> str:
-        host = _LOOPBACK.get(self.host, self.host)
-        return f"[{host}]" if ":" in host else host
+        return local_host(self.host)
 
     @property
     def http_url(self) -> str:

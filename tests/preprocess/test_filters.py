@@ -214,7 +214,7 @@ def test_aesthetic_folder_layout(tmp_path, photo):
         F.AestheticScorer(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         folder / "clip")
-    with pytest.raises(FileNotFoundError, match="no MLP head"):
+    with pytest.raises(FileNotFoundError, match="no aesthetic_head.safetensors"):
         F.AestheticScorer(folder)
     dims = [8, 6, 4, 1]  # LAION layout, smaller: layers.{0,2,4}
     head = {}
