@@ -260,7 +260,6 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 def test_served_from_mlflow_alias_and_reloaded_when_it_moves(mlflow_server, tiny_pipeline_folder, tmp_path):
-    from mlflow.tracking import MlflowClient
 
     from serving.registry import promote_if_better, register_pipeline
 
