@@ -402,6 +402,17 @@ def _grpc_parameters(where: str, params, allowed: Mapping[str, type]) -> None:
     _check_parameters(where, plain, allowed)
 
 
+def _with_request_id(header: bytes) -> tuple[bytes, str]:
+    """Give a checked HTTP inference header an id the front can cancel it by: the client's id (if any) plus a
+    random suffix, so two clients using the same id cannot cancel each other's requests. Triton echoes it back."""
+    import uuid
+
+    body = json.loads(header)
+    request_id = f"{body.get('id') or 'front'}~{uuid.uuid4().hex[:12]}"
+    body["id"] = request_id
+    return json.dumps(body, separators=(",", ":")).encode(), request_id
+
+
 def check_grpc_infer(specs: Mapping[str, ModelSpec], raw: bytes, stream: bool = False,
                      limits: Limits = Limits()) -> bytes:
     """Check a serialized ``ModelInferRequest`` → the bytes to forward (re-serialized without unknown fields)."""
@@ -472,12 +483,14 @@ class Upstream:
     http_url: str
     grpc_url: str
     metrics_url: str | None = None
+    cancel_dir: str | None = None  # where a hung-up HTTP request is marked (serving.request.cancel_marker)
 
 
 @dataclass
 class FrontStats:
     refused: Counter = field(default_factory=Counter)  # reason → count
     forwarded: int = 0
+    cancelled: int = 0  # HTTP requests whose client hung up, marked for the model to stop
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def refuse(self, reason: str) -> None:
@@ -709,8 +722,25 @@ class Front:
             self._admit(match["model"], lambda: cost_inputs_http(json.loads(header), binary))
         if self._http_slots.locked():
             raise Refused("busy", f"{self.limits.max_concurrent} requests are in flight: retry later", 503)
+        header, request_id = _with_request_id(header)
         async with self._http_slots:
-            return await self._forward(request, header, binary, path.rstrip("/"))
+            try:
+                return await self._forward(request, header, binary, path.rstrip("/"))
+            except asyncio.CancelledError:  # the client hung up (handler_cancellation): stop the generation too
+                self._mark_cancelled(request_id)
+                raise
+
+    def _mark_cancelled(self, request_id: str) -> None:
+        from .request import cancel_marker
+
+        upstream = self._upstream
+        if upstream is None or not upstream.cancel_dir:
+            return
+        try:
+            cancel_marker(upstream.cancel_dir, request_id).touch()
+            self.stats.count("cancelled")
+        except OSError as exc:
+            logger.warning("could not mark a hung-up request for cancellation: %s", exc)
 
     async def _forward(self, request, header: bytes | None, binary: bytes | None, path: str):
         """Send the checked request on to Triton: ``path`` is one of the public routes with a served model name

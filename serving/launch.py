@@ -406,9 +406,12 @@ class TritonServer:
             self.stop_file = self.tmp / "stop"  # its existence tells every instance to stop at the next step
             self.admission_dir = self.tmp / "admission"
             self.admission_dir.mkdir()
+            self.cancel_dir = self.tmp / "cancel"  # the front marks HTTP requests whose client hung up
+            self.cancel_dir.mkdir()
             params = {"model_source": source, "tracking_uri": self.tracking_uri or "",
                       "model_alias": self.model if self.alias else "", "stop_file": str(self.stop_file),
-                      "shm_prefix": self.shm_prefix, "admission_dir": str(self.admission_dir), **self.parameters}
+                      "shm_prefix": self.shm_prefix, "admission_dir": str(self.admission_dir),
+                      "cancel_dir": str(self.cancel_dir), **self.parameters}
             kind = "KIND_GPU" if str(self.parameters.get("device", "")) == "cuda" else None
             repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count,
                                     instance_kind=kind, max_queue_size=self.max_queue,

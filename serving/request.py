@@ -524,3 +524,15 @@ __all__ = ["Admission", "COST_INPUTS", "DEFAULT_LORA_ALPHA", "GenerationRequest"
            "OUTPUTS", "OverBudget", "REQUIRED", "RequestError", "STREAM_OUTPUTS", "check_budget", "check_budget_early",
            "check_lora_name", "check_request", "cost_inputs_grpc", "cost_inputs_http", "default_admission",
            "merge_defaults", "numpy_dtype", "parse_request", "request_cost", "resolve_lora", "to_inputs", "v2_defaults"]
+
+
+def cancel_marker(cancel_dir: str | os.PathLike, request_id: str) -> Path:
+    """The file whose existence tells the model to stop the request ``request_id`` at its next denoising step.
+
+    Triton 2.51 does not cancel an HTTP request whose client hangs up (gRPC cancellation works), so the validating
+    front (``serving/front.py``) gives each HTTP inference an id, and when its client disconnects it creates this
+    file; the model checks it at every step. The name is a hash: request ids are client-influenced text."""
+    import hashlib
+
+    return Path(cancel_dir) / hashlib.sha256(request_id.encode("utf-8", "replace")).hexdigest()[:32]
+

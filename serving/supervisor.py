@@ -158,7 +158,9 @@ class Endpoint:
     def _connect(self) -> None:
         s = self.server
         self.front.admit = s.admit  # over-budget requests refused before Triton's queue (serving/launch.py)
-        self.front.set_upstream(Upstream(s.http_url, s.grpc_url, s.metrics_url))
+        cancel_dir = getattr(s, "cancel_dir", None)
+        self.front.set_upstream(Upstream(s.http_url, s.grpc_url, s.metrics_url,
+                                         str(cancel_dir) if cancel_dir else None))
         self._state = "serving"
 
     def wait(self, timeout: float | None = None) -> int:

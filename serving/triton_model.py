@@ -61,6 +61,7 @@ from .request import (
     Limits,
     OverBudget,
     RequestError,
+    cancel_marker,
     check_budget,
     check_request,
     default_admission,
@@ -506,6 +507,7 @@ class TritonPythonModel:
             deadline_s=float(params.get("deadline_s") or 0) or None,
         )
         self.stop_file = params.get("stop_file") or ""
+        self.cancel_dir = params.get("cancel_dir") or ""
         if params.get("admission_dir"):  # the launcher's front refuses over-budget requests before they queue
             _publish_admission(Path(params["admission_dir"]) / f"{self.name}.json", self.model)
         _start_parent_watchdog(params.get("shm_prefix") or "")
@@ -551,6 +553,8 @@ class TritonPythonModel:
         """Why this request must stop now (None = carry on)."""
         if request.is_cancelled():
             return "cancelled"
+        if self.cancel_dir and request.request_id() and cancel_marker(self.cancel_dir, request.request_id()).exists():
+            return "cancelled"  # an HTTP client that hung up (the front marked it: Triton 2.51 does not cancel it)
         if self.stop_file and os.path.exists(self.stop_file):
             return "shutdown"
         if time.monotonic() - started > self.model.admission.deadline_s:

@@ -160,6 +160,39 @@ def test_abandoned_request_stops_within_two_steps_and_the_queued_one_is_served(b
 
 
 @pytest.mark.slow
+def test_an_http_client_that_hangs_up_stops_its_request_through_the_front(tmp_path):
+    """Triton 2.51 keeps computing an HTTP request whose client has gone; through serve's front (which gives each
+    HTTP inference an id and marks it when its client hangs up) the request stops within 2 steps."""
+    from serving.supervisor import Endpoint
+
+    server = TritonServer("tiny", models=["easyanimate"], exit_timeout=5, parameters={"torch_threads": "1"},
+                          max_cost=BUDGET, env={"EASYANIMATE_MODEL_CACHE": str(tmp_path / "cache")})
+    with Endpoint(server, backoff=(0.5,)) as ep:
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from serving import client; "
+                f"from serving.request import to_inputs; "
+                f"client.infer_http({ep.http_url.removeprefix('http://')!r}, "
+                f"to_inputs('a long walk', accel='exact', **{LARGE!r}))")
+        steps0 = server.metric(STEPS)
+        cancelled0 = server.metric("easyanimate_requests_total", outcome="cancelled")
+        stopped0 = server.metric("easyanimate_stopped_request_steps_total")
+        abandoned = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            _wait(lambda: server.metric(STEPS) >= steps0 + 2, 120, "the long HTTP request to run")
+            left_at = server.metric(STEPS)
+            abandoned.kill()
+        finally:
+            abandoned.kill()
+            abandoned.wait()
+        _wait(lambda: server.metric("easyanimate_requests_total", outcome="cancelled") > cancelled0, 60,
+              "the hung-up HTTP request to stop")
+        done = server.metric("easyanimate_stopped_request_steps_total") - stopped0
+        assert done - (left_at - steps0) <= 2, f"it ran {done - (left_at - steps0):g} steps after its client left"
+        assert done < LARGE["steps"] and ep.front.stats.cancelled == 1
+        small = client.infer_http(ep.http_url.removeprefix("http://"), to_inputs("a dot", **SMALL))
+        assert small.metadata["parameters"]["steps"] == SMALL["steps"], "the instance was not freed"
+
+
+@pytest.mark.slow
 def test_a_request_past_its_deadline_stops_at_the_next_step(busy_server):
     # exact: no step cache, so the denoising surely outlasts the 8 s deadline on a quiet machine too
     with pytest.raises(client.ServerError, match=r"deadline of 8 s exceeded \(deadline: stopped after denoising step"):
