@@ -200,6 +200,7 @@ class MlflowTracker:
         self.experiment_id: str = run.info.experiment_id
         self.closed = False
         self._monitor = None
+        self._monitor_step0 = None
         if system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -207,6 +208,7 @@ class MlflowTracker:
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
                                                  tracking_uri=self.tracking_uri)
             self._monitor.start()
+            self._monitor_step0 = getattr(self._monitor, "_logging_step", None)
 
     # ------------------------------------------------------------------------------------------------------------------
     # the Tracker protocol
@@ -269,8 +271,18 @@ class MlflowTracker:
             raise ValueError(f"status must be one of {sorted(_STATUSES)}, got {status!r}")
         self.closed = True
         if self._monitor is not None:  # the last samples are flushed before the run ends
-            self._monitor.finish()
-            self._monitor = None
+            monitor, self._monitor = self._monitor, None
+            step0 = self._monitor_step0
+            monitor.finish()
+            if getattr(monitor, "_logging_step", step0) == step0:
+                # a run shorter than one sampling interval: MLflow's loop stops before its first publish, so
+                # take one sample now; the run still shows its CPU/memory/disk figures
+                try:
+                    monitor.collect_metrics()
+                    monitor.publish_metrics(monitor.aggregate_metrics())
+                    monitor.mlflow_logger.flush()
+                except Exception as exc:  # system metrics are a nicety: never fail the run for them
+                    logger.warning("could not log the final system metrics sample: %s", exc)
         if self.end_on_close:
             self.client.set_terminated(self.run_id, status=status)
 
