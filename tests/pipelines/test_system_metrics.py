@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def test_a_run_shorter_than_the_sampling_interval_still_has_system_metrics(tmp_path, monkeypatch):
+def test_a_run_shorter_than_the_sampling_interval_still_has_system_metrics(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from components.mlflow_tracker import MlflowTracker
