@@ -328,4 +328,5 @@ def test_sigkill_of_serve_takes_tritonserver_with_it(tmp_path):
     proc.kill()
     proc.wait()
     _wait(lambda: _tree_gone(tree), 5, f"tritonserver and its stubs to die with serve ({tree})", interval=0.1)
-    _wait(lambda: not list(Path("/dev/shm").glob(f"ea{proc.pid}_*")), 5, "the stubs to remove /dev/shm segments")
+    # the tree must be gone in 5 s (above); the stubs' /dev/shm clean-up may lag a little behind under load
+    _wait(lambda: not list(Path("/dev/shm").glob(f"ea{proc.pid}_*")), 30, "the stubs to remove /dev/shm segments")
