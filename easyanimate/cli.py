@@ -100,17 +100,32 @@ def generate(
     server: str | None = typer.Option(None, "--server", help="generate on a Triton server instead: grpc://HOST:PORT "
                                       "(streaming, progress bar), http://HOST:PORT, HOST (gRPC 8001, then HTTP 8000) "
                                       "or several, comma-separated; unset options take the served model's defaults"),
+    model_version: str | None = typer.Option(None, "--model-version", help="with --server: which of the server's "
+                                             "allowed models answers (sent as MODEL): a registry version number, an "
+                                             "alias (champion) or a models:/ URI (default: the server's default)"),
 ) -> None:
     """Generate a video (or an image with --frames 1) from a prompt."""
+    if model_version is not None and server is None:
+        raise typer.BadParameter("--model-version picks among a server's models: use it with --server (locally, "
+                                 "--model names the pipeline)", param_hint="--model-version")
     if server is not None:
         local_only = {"--model": model is not None, "--preset": preset is not None,
                       "--set": bool(overrides), "--device": device != "auto"}
         given = [name for name, used in local_only.items() if used]
         if given:
             raise typer.BadParameter(f"{', '.join(given)} apply to local generation, not with --server")
+        if model_version is not None:
+            from serving.request import RequestError, parse_model_choice
+
+            try:
+                model_version = parse_model_choice(model_version)
+            except RequestError as exc:
+                raise typer.BadParameter(str(exc).replace("MODEL must be ", "expected ", 1),
+                                         param_hint="--model-version") from None
         _generate_on_server(server, prompt, out, negative_prompt=negative_prompt, num_frames=frames, height=height,
                             width=width, steps=steps, guidance=guidance, seed=seed, sampler=sampler, fps=fps,
-                            accel=accel, **({"lora": lora.name, "lora_alpha": lora_scale} if lora is not None else {}))
+                            accel=accel, model=model_version,
+                            **({"lora": lora.name, "lora_alpha": lora_scale} if lora is not None else {}))
         return
     import torch
 
@@ -207,6 +222,8 @@ def _generate_on_server(server: str, prompt: str | None, out: Path, **params) ->
     except ValueError as exc:  # an unreadable --server
         raise typer.BadParameter(str(exc)) from exc
     except ServerError as exc:
+        if params.get("model") and str(exc).startswith(f"MODEL {params['model']!r}"):  # a usage mistake
+            raise typer.BadParameter(str(exc), param_hint="--model-version") from None
         typer.echo(f"error: the server rejected the request: {exc}", err=True)
         raise typer.Exit(1) from None
     except ConnectionError as exc:
@@ -268,6 +285,13 @@ def serve(
                                      "killed (in-flight generations stop at their next step at once)"),
     docker: bool = typer.Option(False, "--docker", help="run the server in the Triton image (`make images`; "
                                 "$EASYANIMATE_TRITON_IMAGE overrides), host network, --host loopback by default"),
+    allow_models: list[str] | None = typer.Option(None, "--allow-models", help="more models a request may name in "
+                                                  "MODEL (comma-separated, repeatable; same forms as --model; each "
+                                                  "registry version must pass its gates); loaded on demand "
+                                                  "(default: only --model)"),
+    max_loaded: int = typer.Option(1, "--max-loaded", min=1, help="allowed models kept loaded at once (each is a "
+                                   "pipeline per instance and model); another is loaded after unloading the least "
+                                   "recently used"),
 ) -> None:
     """Serve the model with the bundled tritonserver (KServe v2 HTTP + gRPC) until Ctrl-C / SIGTERM."""
     import signal
@@ -277,11 +301,14 @@ def serve(
                       lora_dir=lora_dir)
         return
 
-    if model.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
-        raise typer.BadParameter(f"{model} needs an MLflow server: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
-                                 "(nothing is created in this folder)", param_hint="--tracking-uri")
-    if model != "tiny" and not model.startswith("models:/"):
-        _pipeline_folder(model)
+    allowed = [a.strip() for item in allow_models or [] for a in item.split(",") if a.strip()]
+    for source, option in ((model, "--model"), *((a, "--allow-models") for a in allowed)):
+        if source.startswith("models:/") and not (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            raise typer.BadParameter(f"{source} needs an MLflow server: pass --tracking-uri URI or set "
+                                     "MLFLOW_TRACKING_URI (nothing is created in this folder)",
+                                     param_hint="--tracking-uri")
+        if source != "tiny" and not source.startswith("models:/"):
+            _pipeline_folder(source, option)
     if gpus:  # one instance per device: Triton's KIND_GPU places the instance group on every visible GPU
         if gpus.strip().lower() != "all":
             ids = [g.strip() for g in gpus.split(",") if g.strip()]
@@ -300,7 +327,8 @@ def serve(
                               watch_alias=watch_alias, poll_interval=poll_interval,
                               parameters={"device": device, "dtype": dtype}, instance_count=instances, log=log,
                               lora_dir=lora_dir, max_cost=max_cost, deadline_s=deadline, max_queue=max_queue,
-                              queue_timeout=queue_timeout, stall_timeout=stall_timeout, exit_timeout=exit_timeout)
+                              queue_timeout=queue_timeout, stall_timeout=stall_timeout, exit_timeout=exit_timeout,
+                              allow_models=allowed, max_loaded=max_loaded)
         server.allow_ungated = allow_ungated
         server = Endpoint(server, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                           max_restarts=max_restarts)
@@ -318,7 +346,9 @@ def serve(
         server.start()
         typer.echo(json.dumps({"http": server.http_url, "grpc": server.grpc_url, "metrics": server.metrics_url,
                                "models": list(server.models), "source": server.model,
-                               "version": server.served_version, "pid": server.pid}), err=True)
+                               "version": server.served_version, "pid": server.pid,
+                               "allowed": [s.public for s in server.server.slots],
+                               "max_loaded": server.server.max_loaded}), err=True)
         server.wait()
         typer.echo(f"error: {server.gave_up}; gave up after {server.max_restarts} restarts", err=True)
         raise typer.Exit(1)

@@ -242,14 +242,15 @@ def generate(server: str, prompt: str, *, negative_prompt: str | None = None, se
              steps: int | None = None, guidance: float | None = None, num_frames: int | None = None,
              height: int | None = None, width: int | None = None, fps: int | None = None, sampler: str | None = None,
              lora: str | None = None, lora_alpha: float | None = None, accel: str | None = None,
-             progress: bool = True,
+             model: str | None = None, progress: bool = True,
              timeout: float = DEFAULT_TIMEOUT) -> GenerationResult:
     """Generate a video on a Triton server (see the module doc for ``server``); None parameters take the served
-    model's defaults. ``lora`` is a file NAME in the server's LoRA folder (``easyanimate serve --lora-dir``).
-    Raises ``ServerError`` (the server's message) or ``ConnectionError`` (no address usable)."""
-    inputs = to_inputs(prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                       num_frames=num_frames, height=height, width=width, fps=fps, sampler=sampler, lora=lora,
-                       lora_alpha=lora_alpha, accel=accel)
+    model's defaults. ``lora`` is a file NAME in the server's LoRA folder (``easyanimate serve --lora-dir``);
+    ``model`` (sent as MODEL) picks one of the server's allowed models (``serve --allow-models``) by version
+    number, alias or ``models:/`` URI. Raises ``ServerError`` (the server's message) or ``ConnectionError``."""
+    inputs = to_inputs(prompt, model=model, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                       guidance=guidance, num_frames=num_frames, height=height, width=width, fps=fps,
+                       sampler=sampler, lora=lora, lora_alpha=lora_alpha, accel=accel)
     from tqdm import tqdm
 
     bar = None

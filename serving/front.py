@@ -472,6 +472,19 @@ def check_grpc_infer(specs: Mapping[str, ModelSpec], raw: bytes, stream: bool = 
     return request.SerializeToString()
 
 
+def public_config(text: str, parameters: Mapping[str, str]):
+    """A model's public ``ModelConfig`` (protobuf): its repository config.pbtxt with ``parameters`` replaced by
+    ``parameters`` (the launcher's catalog: allowed/loaded models, defaults; never server paths)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    config.ClearField("parameters")
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
+    return config
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the servers
 
@@ -533,6 +546,13 @@ class Front:
         # admit(model, cost inputs) raises ValueError for a request over the served model's work budget (the
         # launcher's TritonServer.admit): refused here, before it waits in Triton's queue behind long requests
         self.admit: Callable[[str, Mapping[str, float]], None] | None = None
+        # several allowed models (the launcher's TritonServer): route(public model, MODEL value) → a lease on the
+        # Triton model that answers (loaded on demand; ValueError: not allowed), upstream_name(public) → the Triton
+        # model health/metadata calls go to, catalog() → the public model config parameters (allowed, loaded, …)
+        self.route: Callable[[str, str | None], Any] | None = None
+        self.upstream_name: Callable[[str], str] | None = None
+        self.catalog: Callable[[], Mapping[str, str]] | None = None
+        self.configs: dict[str, str] = {}  # public model → its repository config.pbtxt text (the public config)
         self._channel = None
         self._channel_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -686,8 +706,19 @@ class Front:
             if match is None:
                 raise Refused("route", f"{method} {path[:80]} is not available on this endpoint", 403
                               if path.startswith("/v2/") else 404)
-            if match.groupdict().get("model") is not None:
-                _model(self.specs, match["model"], match.groupdict().get("version") or "")
+            model = match.groupdict().get("model")
+            if model is not None:
+                _model(self.specs, model, match.groupdict().get("version") or "")
+                if path.rstrip("/").endswith("/config") and self.catalog is not None and model in self.configs:
+                    from google.protobuf import json_format
+
+                    config = public_config(self.configs[model], self.catalog())
+                    return web.json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
+                internal = self.upstream_name(model) if self.upstream_name is not None else model
+                if internal != model:  # the default source is unloaded: ask one that is loaded (same schema)
+                    path = re.sub(r"^/v2/models/[^/]+", f"/v2/models/{internal}", path)
+                    if not path.rstrip("/").endswith("/ready"):
+                        return await self._forward(request, None, None, path.rstrip("/"), rename=(internal, model))
             return await self._forward(request, None, None, path.rstrip("/") or "/")
         if method != "POST":
             raise Refused("route", f"{method} is not accepted here (GET or POST)", 405)
@@ -716,19 +747,47 @@ class Front:
                           408) from None
         header, binary = check_http_infer(self.specs, match["model"], match["version"] or "", body,
                                           request.headers.get("Inference-Header-Content-Length"), self.limits)
-        if self.admit is not None:
-            from .request import cost_inputs_http
-
-            self._admit(match["model"], lambda: cost_inputs_http(json.loads(header), binary))
         if self._http_slots.locked():
             raise Refused("busy", f"{self.limits.max_concurrent} requests are in flight: retry later", 503)
-        header, request_id = _with_request_id(header)
-        async with self._http_slots:
+        lease, target, path = None, match["model"], path.rstrip("/")
+        if self.route is not None:  # MODEL → the Triton model of that allowed source (loaded on demand)
+            from .request import MODEL_INPUT, bytes_input_http
+
+            value = bytes_input_http(json.loads(header), binary, MODEL_INPUT)
+            work = asyncio.get_running_loop().run_in_executor(None, self._lease, match["model"], value)
             try:
-                return await self._forward(request, header, binary, path.rstrip("/"))
-            except asyncio.CancelledError:  # the client hung up (handler_cancellation): stop the generation too
-                self._mark_cancelled(request_id)
+                lease = await asyncio.shield(work)
+            except asyncio.CancelledError:  # hung up while the model loads: let go of the lease it will get
+                work.add_done_callback(lambda f: f.exception() is None and f.result().release())
                 raise
+            target, path = lease.name, f"/v2/models/{lease.name}/infer"
+        try:
+            if self.admit is not None:
+                from .request import cost_inputs_http
+
+                self._admit(target, lambda: cost_inputs_http(json.loads(header), binary))
+            header, request_id = _with_request_id(header)
+            async with self._http_slots:
+                try:
+                    return await self._forward(request, header, binary, path)
+                except asyncio.CancelledError:  # the client hung up (handler_cancellation): stop the generation too
+                    self._mark_cancelled(request_id)
+                    raise
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _lease(self, model: str, value: str | None):
+        """Route a checked request to the allowed source its MODEL names (blocks while that source loads) → the
+        launcher's lease; a MODEL that is not allowed is a 400, a source that cannot load now a 503."""
+        try:
+            return self.route(model, value)
+        except ValueError as exc:  # launch.ModelChoiceError
+            raise Refused("model_choice", str(exc)) from None
+        except Exception as exc:  # the load failed (the launcher recorded and logged why)
+            logger.error("could not load the model MODEL %r names: %s", value, exc)
+            raise Refused("unavailable", f"MODEL {str(value)[:80]!r} could not be loaded now: retry later (the "
+                          "server log has the details)", 503) from None
 
     def _mark_cancelled(self, request_id: str) -> None:
         from .request import cancel_marker
@@ -742,9 +801,11 @@ class Front:
         except OSError as exc:
             logger.warning("could not mark a hung-up request for cancellation: %s", exc)
 
-    async def _forward(self, request, header: bytes | None, binary: bytes | None, path: str):
+    async def _forward(self, request, header: bytes | None, binary: bytes | None, path: str,
+                       rename: tuple[str, str] | None = None):
         """Send the checked request on to Triton: ``path`` is one of the public routes with a served model name
-        (checked), the body is the re-serialized header + binary part; only our own headers go on."""
+        (checked), the body is the re-serialized header + binary part; only our own headers go on. ``rename``
+        (Triton's name, the public one): a JSON answer naming the model is given the public name."""
         import aiohttp
         from aiohttp import web
 
@@ -761,6 +822,11 @@ class Front:
         try:
             async with self._session.request(request.method, upstream.http_url + path, data=data,
                                              headers=headers) as up:
+                if rename is not None and up.status == 200:
+                    answer = json.loads(await up.read())
+                    if isinstance(answer, dict) and answer.get("name") == rename[0]:
+                        answer["name"] = rename[1]
+                    return web.json_response(answer)
                 out = web.StreamResponse(status=up.status)
                 for name in ("Content-Type", "Inference-Header-Content-Length", "Content-Length"):
                     if name in up.headers:
@@ -853,8 +919,20 @@ class Front:
                     _model(self.specs, message.name, message.version)
                 except Refused as refused:
                     return self._grpc_refuse(context, refused)
+                public = message.name
+                if name == "ModelConfig" and self.catalog is not None and public in self.configs:
+                    config = public_config(self.configs[public], self.catalog())
+                    return service_pb2.ModelConfigResponse(config=config).SerializeToString()
+                if self.upstream_name is not None:
+                    message.name = self.upstream_name(public)
                 message.DiscardUnknownFields()
                 raw = message.SerializeToString()
+                answer = self._grpc_call(name, raw, context)
+                if name == "ModelMetadata" and message.name != public:
+                    meta = service_pb2.ModelMetadataResponse.FromString(answer)
+                    meta.name = public
+                    answer = meta.SerializeToString()
+                return answer
             else:
                 raw = b""  # ServerReady / ServerMetadata requests have no fields: nothing of the client's goes on
             return self._grpc_call(name, raw, context)
@@ -895,21 +973,40 @@ class Front:
             request = service_pb2.ModelInferRequest.FromString(raw)
             self._admit(request.model_name, lambda: cost_inputs_grpc(request))
 
+    def _grpc_route(self, raw: bytes):
+        """A checked ModelInferRequest → (it, sent to the Triton model of the source its MODEL names; the lease)."""
+        if self.route is None:
+            return raw, None
+        from tritonclient.grpc import service_pb2
+
+        from .request import MODEL_INPUT, bytes_input_grpc
+
+        request = service_pb2.ModelInferRequest.FromString(raw)
+        lease = self._lease(request.model_name, bytes_input_grpc(request, MODEL_INPUT))
+        request.model_name, request.model_version = lease.name, ""
+        return request.SerializeToString(), lease
+
     def _grpc_infer(self, raw: bytes, context) -> bytes:
+        lease = None
         try:
             raw = check_grpc_infer(self.specs, raw, stream=False, limits=self.limits)
-            self._admit_grpc(raw)
+            if not self._grpc_slots.acquire(blocking=False):
+                raise Refused("busy", f"{self.limits.max_concurrent} requests in flight", 503)
         except Refused as refused:
             return self._grpc_refuse(context, refused)
-        if not self._grpc_slots.acquire(blocking=False):
-            return self._grpc_refuse(context, Refused("busy", f"{self.limits.max_concurrent} requests in flight",
-                                                      503))
         try:
+            try:
+                raw, lease = self._grpc_route(raw)
+                self._admit_grpc(raw)
+            except Refused as refused:
+                return self._grpc_refuse(context, refused)
             result = self._grpc_call("ModelInfer", raw, context)
             self.stats.count("forwarded")
             return result
         finally:
             self._grpc_slots.release()
+            if lease is not None:
+                lease.release()
 
     def _grpc_stream(self, request_iterator, context):
         """Forward a ModelStreamInfer stream, each request checked; a refused one ends the stream INVALID_ARGUMENT."""
@@ -925,6 +1022,16 @@ class Front:
             self._grpc_refuse(context, Refused("busy", f"{self.limits.max_concurrent} requests in flight", 503))
         pending: queue.Queue = queue.Queue(maxsize=16)
         refused: list[Refused] = []
+        leases: list = []
+        leases_lock = threading.Lock()
+        closed = [False]
+
+        def keep(lease) -> None:
+            with leases_lock:
+                if closed[0]:  # the stream ended while its model loaded
+                    lease.release()
+                else:
+                    leases.append(lease)
 
         def requests():
             while (item := pending.get()) is not None:
@@ -938,6 +1045,9 @@ class Front:
                 for raw in request_iterator:
                     try:
                         checked = check_grpc_infer(self.specs, raw, stream=True, limits=self.limits)
+                        checked, lease = self._grpc_route(checked)
+                        if lease is not None:
+                            keep(lease)
                         self._admit_grpc(checked)
                         pending.put(checked)
                         self.stats.count("forwarded")
@@ -961,7 +1071,11 @@ class Front:
                 context.abort(exc.code(), exc.details() or str(exc.code()))
         finally:
             self._grpc_slots.release()
-        pumper.join(timeout=1)
+            pumper.join(timeout=1)
+            with leases_lock:
+                closed[0] = True
+                for lease in leases:
+                    lease.release()
         if refused:
             self._grpc_refuse(context, refused[0])
 
@@ -1000,4 +1114,4 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 __all__ = ["Front", "FrontStats", "Limits", "ModelSpec", "Refused", "TensorSpec", "Upstream", "check_grpc_infer",
-           "check_http_infer", "load_specs", "parse_model_config"]
+           "check_http_infer", "load_specs", "parse_model_config", "public_config"]

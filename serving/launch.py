@@ -42,6 +42,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ MODELS = ("easyanimate", "easyanimate_stream")
 TRITONSERVER_ENV = "EASYANIMATE_TRITONSERVER"  # path of a tritonserver binary (default: the pytriton wheel's)
 BACKENDS_ENV = "EASYANIMATE_TRITON_BACKENDS"  # its backend directory (default: built from the wheel's files)
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)/?$")
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 # Triton endpoints that change or reveal what is served (load/unload/config override, the config's paths, shared
 # memory, trace/log settings, statistics): closed to clients; the launcher and its watcher send ADMIN_HEADER with a
@@ -62,6 +64,52 @@ ADMIN_HEADER = "x-easyanimate-admin"
 
 class TritonLaunchError(RuntimeError):
     """tritonserver did not start (or a model did not load): the message carries the end of its log."""
+
+
+class ModelChoiceError(ValueError):
+    """A request's MODEL names nothing this server allows (the front answers 400 / INVALID_ARGUMENT)."""
+
+
+@dataclass
+class ServedModel:
+    """One allowed model source and its Triton models (``<model><suffix>`` for each of ``TritonServer.models``).
+
+    ``given`` is the source as the operator named it; ``source`` what its stubs load (an alias resolved to the
+    version it pointed at when the server started); ``loaded`` whether its Triton models are loaded now."""
+
+    index: int
+    given: str
+    suffix: str
+    source: str = ""
+    version: str | None = None
+    loaded: bool = False
+    last_used: float = 0.0
+    inflight: int = 0  # requests routed to it and not finished (an eviction waits for them)
+
+    @property
+    def public(self) -> str:
+        """How clients see it (a pipeline folder by its name only: no server paths)."""
+        return Path(self.given).name if self.given.startswith("/") else self.given
+
+    def names(self) -> set[str]:
+        from .request import model_names
+
+        return model_names(self.given) | model_names(self.source) | {self.public}
+
+
+class Lease:
+    """A request routed to a served model: ``name`` is the Triton model to send it to; ``release()`` when it ended
+    (until then an eviction of that model waits)."""
+
+    def __init__(self, server: TritonServer | None, slot: ServedModel | None, name: str):
+        self.name, self._server, self._slot = name, server, slot
+
+    def release(self) -> None:
+        server, slot, self._server = self._server, self._slot, None
+        if server is not None and slot is not None:
+            with server._slots_cond:
+                slot.inflight = max(0, slot.inflight - 1)
+                server._slots_cond.notify_all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -136,18 +184,28 @@ def set_queue_policy(text: str, max_queue_size: int | None = None, queue_timeout
     return text
 
 
+def set_model_name(text: str, name: str) -> str:
+    """Replace the top-level ``name:`` of a config.pbtxt text (Triton wants it equal to the model's folder)."""
+    new, n = re.subn(r'^name:\s*"(?:[^"\\]|\\.)*"', lambda _m: f"name: {_pbtxt_string(name)}", text, flags=re.M)
+    if n != 1:
+        raise ValueError("expected exactly one top-level name in config.pbtxt")
+    return new
+
+
 def stage_repository(target: Path, models: Sequence[str], params: Mapping[str, Any], instance_count: int | None = None,
                      source: Path = REPOSITORY, *, instance_kind: str | None = None, max_queue_size: int | None = None,
-                     queue_timeout: float | None = None) -> Path:
-    """Copy ``models`` of ``source`` into ``target`` with their config.pbtxt parameters, instance group and queue
-    policy set → ``target``."""
+                     queue_timeout: float | None = None, suffix: str = "") -> Path:
+    """Copy ``models`` of ``source`` into ``target`` (as ``<model><suffix>``: one Triton model per allowed source)
+    with their config.pbtxt parameters, instance group and queue policy set → ``target``."""
     target.mkdir(parents=True, exist_ok=True)
     for name in models:
         if not (source / name / "config.pbtxt").is_file():
             raise FileNotFoundError(f"no model {name!r} in {source} (expected {source / name / 'config.pbtxt'})")
-        shutil.copytree(source / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
-        config = target / name / "config.pbtxt"
+        shutil.copytree(source / name, target / f"{name}{suffix}", ignore=shutil.ignore_patterns("__pycache__"))
+        config = target / f"{name}{suffix}" / "config.pbtxt"
         text = set_config_parameters(config.read_text(), params)
+        if suffix:
+            text = set_model_name(text, f"{name}{suffix}")
         if instance_count is not None:
             text = set_instance_count(text, instance_count)
         if instance_kind is not None:
@@ -155,6 +213,19 @@ def stage_repository(target: Path, models: Sequence[str], params: Mapping[str, A
         text = set_queue_policy(text, max_queue_size, queue_timeout)
         config.write_text(text)
     return target
+
+
+def _model_source(model: str) -> str:
+    """A model source as the server keeps it: ``tiny``, a ``models:/`` URI, or a pipeline folder's absolute path."""
+    model = str(model).strip()
+    if model == "tiny" or model.startswith("models:/"):
+        if model.startswith("models:/") and not _MODELS_URI.match(model):
+            raise ValueError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {model!r}")
+        return model
+    folder = Path(model).resolve()
+    if not Path(folder, "model_index.json").is_file():
+        raise FileNotFoundError(f"{model} is not a pipeline folder (no model_index.json)")
+    return str(folder)
 
 
 def bundled_tritonserver() -> tuple[Path, Path, Path]:
@@ -273,6 +344,12 @@ class TritonServer:
             the watcher unloads the model (readiness fails), kills the stuck stub and loads it again. 0 = off;
             None = the deadline + 60 s when a watcher runs.
         metrics_host: address of the metrics port (loopback by default, whatever ``host`` is).
+        allow_models: more model sources a request may name in ``MODEL`` (same forms as ``model``); each gets its own
+            Triton models (``easyanimate__1``, ``easyanimate_stream__1``, …) staged in the repository and loaded on
+            demand (``route``) through the repository API. Every registry version must pass its gates (see
+            ``allow_ungated``). ``model`` stays the default (no MODEL).
+        max_loaded: how many allowed sources stay loaded at once (each is a full pipeline per instance and model);
+            loading another unloads the least recently used first.
         log: None = a log file in the temp folder (its tail is shown on errors), a path, or ``"-"`` = inherit
             this process's stdout/stderr.
         tritonserver, backend_dir: another Triton install (default: ``$EASYANIMATE_TRITONSERVER`` /
@@ -288,13 +365,21 @@ class TritonServer:
                  backend_dir: str | os.PathLike | None = None, lora_dir: str | os.PathLike | None = None,
                  max_cost: int | None = None, deadline_s: float | None = None, max_queue: int | None = None,
                  queue_timeout: float | None = None, stall_timeout: float | None = None,
-                 metrics_host: str = "127.0.0.1"):
+                 metrics_host: str = "127.0.0.1", allow_models: Sequence[str] = (), max_loaded: int = 1):
         if not models:
             raise ValueError("models must name at least one of " + ", ".join(MODELS))
-        self.model = model if model in ("tiny",) or model.startswith("models:/") else str(Path(model).resolve())
-        if self.model.startswith("/") and not Path(self.model, "model_index.json").is_file():
-            raise FileNotFoundError(f"{model} is not a pipeline folder (no model_index.json)")
+        self.model = _model_source(model)
         self.models = tuple(models)
+        if int(max_loaded) < 1:
+            raise ValueError(f"max_loaded must be >= 1 model, got {max_loaded}")
+        self.max_loaded = int(max_loaded)
+        sources = [self.model]
+        for extra in allow_models:
+            extra = _model_source(extra)
+            if extra not in sources:
+                sources.append(extra)
+        self.slots = [ServedModel(i, given, f"__{i}" if i else "") for i, given in enumerate(sources)]
+        self._slots_cond = threading.Condition()  # guards the slots' loaded / last_used / inflight
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         self.host = host
         self._ports = (http_port, grpc_port, metrics_port)
@@ -346,10 +431,12 @@ class TritonServer:
         self.tmp: Path | None = None
         self.log_path: Path | None = None
         self.reloads: list[dict[str, Any]] = []  # what the watcher did: {"model", "reason", "version", "ok"}
+        self.evictions: list[dict[str, Any]] = []  # sources unloaded to make room: {"model", "version", "for"}
+        self._base_params: dict[str, Any] = {}
         self._log_file = None
         self._stop_watch = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._lock = threading.Lock()  # one explicit load at a time (watcher vs. callers)
+        self._lock = threading.RLock()  # one repository change at a time (watcher, loads on demand, callers)
 
     # -- addresses ------------------------------------------------------------------------------------------------
 
@@ -408,19 +495,25 @@ class TritonServer:
             self.admission_dir.mkdir()
             self.cancel_dir = self.tmp / "cancel"  # the front marks HTTP requests whose client hung up
             self.cancel_dir.mkdir()
-            params = {"model_source": source, "tracking_uri": self.tracking_uri or "",
-                      "model_alias": self.model if self.alias else "", "stop_file": str(self.stop_file),
-                      "shm_prefix": self.shm_prefix, "admission_dir": str(self.admission_dir),
-                      "cancel_dir": str(self.cancel_dir), **self.parameters}
-            kind = "KIND_GPU" if str(self.parameters.get("device", "")) == "cuda" else None
-            repo = stage_repository(self.tmp / "models", self.models, params, self.instance_count,
-                                    instance_kind=kind, max_queue_size=self.max_queue,
-                                    queue_timeout=self.queue_timeout)
+            with self._slots_cond:
+                for slot in self.slots:
+                    slot.loaded, slot.inflight = False, 0
+            self.slots[0].source, self.slots[0].version = source, self.served_version
+            for slot in self.slots[1:]:
+                slot.source, slot.version = self._resolve_allowed(slot.given)
+            self._base_params = {"tracking_uri": self.tracking_uri or "", "stop_file": str(self.stop_file),
+                                 "shm_prefix": self.shm_prefix, "admission_dir": str(self.admission_dir),
+                                 "cancel_dir": str(self.cancel_dir), **self.parameters}
+            repo = self.tmp / "models"
+            for slot in self.slots:
+                self._stage(slot)
             auto_ports = all(p is None for p in self._ports)
             for attempt in range(3 if auto_ports else 1):
                 self._launch(repo, backends)
                 try:
                     self._wait_ready()
+                    with self._slots_cond:
+                        self.slots[0].loaded, self.slots[0].last_used = True, time.monotonic()
                     break
                 except TritonLaunchError as exc:
                     busy = "already in use" in str(exc) or "Address in use" in str(exc)
@@ -462,9 +555,9 @@ class TritonServer:
         self.served_version = version
         return f"models:/{self.alias[0]}/{self.served_version}"
 
-    def _gate_refusal(self, version: str) -> str | None:
-        """Why registry version ``version`` must not be served (None: its evaluation passed the gates, or
-        ``allow_ungated``); see ``serving.registry.gate_refusal``."""
+    def _gate_refusal(self, version: str, name: str | None = None) -> str | None:
+        """Why registry version ``version`` (of ``name``, default: the alias's model) must not be served (None: its
+        evaluation passed the gates, or ``allow_ungated``); see ``serving.registry.gate_refusal``."""
         if self.allow_ungated:
             return None
         from mlflow.tracking import MlflowClient
@@ -472,7 +565,36 @@ class TritonServer:
         from .registry import gate_refusal
 
         client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        return gate_refusal(client.get_model_version(self.alias[0], version))
+        return gate_refusal(client.get_model_version(name or self.alias[0], version))
+
+    def _resolve_allowed(self, given: str) -> tuple[str, str | None]:
+        """An allowed (not default) source → (what its stubs load, registry version): an alias resolved to its
+        version now; every registry version, pinned or aliased, must pass its gates (or ``allow_ungated``)."""
+        m = _MODELS_URI.match(given)
+        if m is None:
+            return given, None
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        version = str(client.get_model_version_by_alias(m["name"], m["alias"]).version if m["alias"]
+                      else client.get_model_version(m["name"], m["version"]).version)
+        refusal = self._gate_refusal(version, m["name"])
+        if refusal:
+            raise TritonLaunchError(f"allowed model {given} (version {version}) is not served: {refusal}")
+        return f"models:/{m['name']}/{version}", version
+
+    def _stage(self, slot: ServedModel) -> None:
+        """(Re)write the slot's Triton models in the staged repository (a later explicit load reads them)."""
+        repo = self.tmp / "models"
+        for model in self.models:
+            if (repo / f"{model}{slot.suffix}").exists():
+                shutil.rmtree(repo / f"{model}{slot.suffix}")
+        alias = slot.given if _MODELS_ALIAS.match(slot.given) else ""
+        params = {"model_source": slot.source, "model_alias": alias, "served_as": slot.public,
+                  "model_names": json.dumps(sorted(slot.names())), **self._base_params}
+        kind = "KIND_GPU" if str(self.parameters.get("device", "")) == "cuda" else None
+        stage_repository(repo, self.models, params, self.instance_count, instance_kind=kind,
+                         max_queue_size=self.max_queue, queue_timeout=self.queue_timeout, suffix=slot.suffix)
 
     def _alias_version(self) -> str:
         from mlflow.tracking import MlflowClient
@@ -663,6 +785,128 @@ class TritonServer:
         if status != 200:
             raise TritonLaunchError(f"loading {model} ({source or 'same source'}) failed: HTTP {status}: {body}")
 
+    # -- several allowed models: routing, loading on demand, least-recently-used unloading ---------------------------
+
+    def slot_for(self, value: str | None) -> ServedModel:
+        """The allowed model a MODEL value names (empty/None: the default); ``ModelChoiceError`` names the allowed
+        values otherwise (and when a short form such as a version number fits two of them)."""
+        value = (value or "").strip()
+        if not value:
+            return self.slots[0]
+        exact = [s for s in self.slots if value in (s.given, s.public)]
+        found = exact or [s for s in self.slots if value in s.names()]
+        if len(found) == 1:
+            return found[0]
+        allowed = ", ".join(s.public + (" (default)" if s.index == 0 else "") for s in self.slots)
+        if found:
+            raise ModelChoiceError(f"MODEL {value[:80]!r} names several allowed models ("
+                                   f"{', '.join(s.public for s in found)}): send one of them in full")
+        raise ModelChoiceError(f"MODEL {value[:80]!r} is not served here: allowed {allowed}")
+
+    def route(self, model: str, value: str | None) -> Lease:
+        """A request for public model ``model`` (``easyanimate`` | ``easyanimate_stream``) naming ``value`` in MODEL →
+        a ``Lease`` on the Triton model that answers it, loading that source first when it is not loaded (after
+        unloading the least recently used ones beyond ``max_loaded``). Blocks while a load runs."""
+        slot = self.slot_for(value)
+        if model not in self.models:
+            raise ModelChoiceError(f"model {model!r} is not served here")
+        with self._slots_cond:
+            if slot.loaded:
+                slot.last_used, slot.inflight = time.monotonic(), slot.inflight + 1
+                return Lease(self, slot, f"{model}{slot.suffix}")
+        with self._lock:  # one repository change at a time (the watcher's reloads take it too)
+            with self._slots_cond:
+                loaded = slot.loaded
+            if not loaded:
+                self._make_room(slot)
+                self._load_slot(slot)
+            with self._slots_cond:
+                slot.last_used, slot.inflight = time.monotonic(), slot.inflight + 1
+        return Lease(self, slot, f"{model}{slot.suffix}")
+
+    def _make_room(self, keep: ServedModel) -> None:
+        """Unload least-recently-used sources until one more fits ``max_loaded`` (called under ``_lock``); each
+        waits for the requests routed to it to end (at most the deadline), Triton then drains the rest."""
+        while True:
+            with self._slots_cond:
+                loaded = [s for s in self.slots if s.loaded and s is not keep]
+                if len(loaded) < self.max_loaded:
+                    return
+                victim = min(loaded, key=lambda s: s.last_used)
+                victim.loaded = False  # new requests for it wait on _lock, then load it again
+                waited = self._slots_cond.wait_for(lambda v=victim: v.inflight == 0,
+                                                   timeout=float(self.deadline_s or 600) + 60)
+            logger.info("unloading %s (least recently used; --max-loaded %d)%s", victim.public, self.max_loaded,
+                        "" if waited else ": requests still running after the deadline")
+            for model in self.models:
+                self._request("POST", f"/v2/repository/models/{model}{victim.suffix}/unload", {}, timeout=60)
+            names = {f"{m}{victim.suffix}" for m in self.models}
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # Triton's unload returns before the stubs are gone
+                states = {row.get("name"): row.get("state") for row in self.repository_index()}
+                if not any(states.get(n) in ("READY", "UNLOADING") for n in names):
+                    break
+                time.sleep(0.1)
+            self.evictions.append({"model": victim.public, "version": victim.version, "time": time.time(),
+                                   "for": keep.public})
+
+    def _load_slot(self, slot: ServedModel) -> None:
+        """Explicitly load a source's Triton models from the staged repository (called under ``_lock``)."""
+        started = time.monotonic()
+        for model in self.models:
+            status, body = self._request("POST", f"/v2/repository/models/{model}{slot.suffix}/load", {},
+                                         timeout=self.startup_timeout)
+            if status != 200:
+                for other in self.models:
+                    self._request("POST", f"/v2/repository/models/{other}{slot.suffix}/unload", {}, timeout=60)
+                self._record(f"{model}{slot.suffix}", "requested by MODEL", slot.version, False, body[:500])
+                raise TritonLaunchError(f"loading {slot.public} failed: HTTP {status}: {body[:500]}")
+        with self._slots_cond:
+            slot.loaded = True
+        self._record(f"{'+'.join(self.models)}{slot.suffix}", "requested by MODEL", slot.version, True)
+        logger.info("loaded %s on demand in %.1f s", slot.public, time.monotonic() - started)
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        """Triton's repository index (every staged model with its state: READY, UNAVAILABLE after an unload, …)."""
+        status, body = self._request("POST", "/v2/repository/index", {})
+        if status != 200:
+            raise TritonLaunchError(f"repository index: HTTP {status}: {body[:300]}")
+        return json.loads(body)
+
+    def upstream_name(self, model: str) -> str:
+        """The Triton model that stands for public ``model`` in health and metadata calls: the default source's
+        when loaded, else the most recently used loaded one (all share one schema)."""
+        with self._slots_cond:
+            loaded = [s for s in self.slots if s.loaded]
+        if not loaded or self.slots[0].loaded:
+            return model
+        return f"{model}{max(loaded, key=lambda s: s.last_used).suffix}"
+
+    def catalog(self) -> dict[str, str]:
+        """What clients may learn about the served models (the front's public model config ``parameters``; no
+        server paths): ``default_model``, ``allowed_models`` / ``loaded_models`` (JSON lists), ``max_loaded``,
+        ``model_versions`` and ``generate_defaults`` (JSON objects by allowed model; defaults of the sources loaded
+        since start), ``lora_enabled``."""
+        with self._slots_cond:
+            slots = [(s.public, s.version, s.loaded, s.suffix) for s in self.slots]
+        defaults = {}
+        for public, _version, _loaded, suffix in slots:
+            path = (self.admission_dir / f"{self.models[0]}{suffix}.json") if self.admission_dir else None
+            try:
+                defaults[public] = json.loads(path.read_text()).get("generate") if path else None
+            except (OSError, ValueError):
+                defaults[public] = None
+        return {"default_model": slots[0][0], "allowed_models": json.dumps([p for p, *_ in slots]),
+                "loaded_models": json.dumps([p for p, _v, loaded, _s in slots if loaded]),
+                "max_loaded": str(self.max_loaded),
+                "model_versions": json.dumps({p: v for p, v, *_ in slots}),
+                "generate_defaults": json.dumps({k: v for k, v in defaults.items() if v}),
+                "lora_enabled": "true" if self.lora_dir else "false"}
+
+    def _loaded_models(self) -> list[str]:
+        with self._slots_cond:
+            return [f"{m}{s.suffix}" for s in self.slots if s.loaded for m in self.models]
+
     def _record(self, model: str, reason: str, version: str | None, ok: bool, error: str = "") -> None:
         self.reloads.append({"model": model, "reason": reason, "version": version, "ok": ok, "error": error,
                              "time": time.time()})
@@ -696,33 +940,47 @@ class TritonServer:
                     version = self.served_version
             if version not in (self.served_version, self._failed_version):
                 source = f"models:/{self.alias[0]}/{version}"
+                default = self.slots[0]
                 ok = True
-                for model in self.models:
-                    try:
-                        self.load(model, source)
-                        self._record(model, f"alias {self.alias[1]} moved", version, True)
-                    except Exception as exc:
-                        ok = False
-                        self._record(model, f"alias {self.alias[1]} moved", version, False, str(exc))
-                if ok:
-                    self.served_version, self._failed_version = version, None
-                else:  # keep serving what loads; try again only when the alias moves on
-                    self._failed_version = version
+                with self._lock:
+                    with self._slots_cond:
+                        live = default.loaded
+                    for model in self.models if live else ():  # unloaded (--max-loaded): loads on demand
+                        try:
+                            self.load(model, source)
+                            self._record(model, f"alias {self.alias[1]} moved", version, True)
+                        except Exception as exc:
+                            ok = False
+                            self._record(model, f"alias {self.alias[1]} moved", version, False, str(exc))
+                    if ok:
+                        self.served_version, self._failed_version = version, None
+                        default.source, default.version = source, version
+                        self._stage(default)  # what a later load (on demand, after an unload) reads
+                        if not live:
+                            self._record(f"{'+'.join(self.models)}", f"alias {self.alias[1]} moved (not loaded: "
+                                         "staged, loaded on demand)", version, True)
+                    else:  # keep serving what loads; try again only when the alias moves on
+                        self._failed_version = version
         if not self.is_live():
             return
         self.check_wedged()
         expected = self.instance_count or 1
-        for model in self.models:
-            ready = self.is_ready(model)
-            stubs = len(self.stub_pids(model))
-            if ready and stubs >= expected:
-                continue
-            reason = "not ready" if not ready else f"stub process died ({stubs}/{expected} alive)"
-            try:
-                self.load(model, unload_first=True)
-                self._record(model, reason, self.served_version, True)
-            except Exception as exc:
-                self._record(model, reason, self.served_version, False, str(exc))
+        if not self._lock.acquire(blocking=False):  # a load/unload on demand is under way: look next poll
+            return
+        try:
+            for model in self._loaded_models():
+                ready = self.is_ready(model)
+                stubs = len(self.stub_pids(model))
+                if ready and stubs >= expected:
+                    continue
+                reason = "not ready" if not ready else f"stub process died ({stubs}/{expected} alive)"
+                try:
+                    self.load(model, unload_first=True)
+                    self._record(model, reason, self.served_version, True)
+                except Exception as exc:
+                    self._record(model, reason, self.served_version, False, str(exc))
+        finally:
+            self._lock.release()
 
     def admit(self, model: str, values: Mapping[str, float]) -> None:
         """The work-budget check before a request is queued (the front calls it): ``values`` are the request's
@@ -816,5 +1074,6 @@ class TritonServer:
                 logger.exception("triton watcher pass failed")
 
 
-__all__ = ["MODELS", "REPOSITORY", "TritonLaunchError", "TritonServer", "bundled_tritonserver", "free_port",
+__all__ = ["MODELS", "REPOSITORY", "Lease", "ModelChoiceError", "ServedModel", "TritonLaunchError", "TritonServer",
+           "bundled_tritonserver", "free_port", "set_model_name",
            "set_config_parameters", "set_instance_count", "set_instance_kind", "set_queue_policy", "stage_repository"]

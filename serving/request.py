@@ -22,6 +22,9 @@ LORA           BYTES    the NAME of a ``.safetensors`` file in the server's LoRA
 LORA_ALPHA     FP32     finite, 0 … 2 (default 0.55, V2's): the LoRA's multiplier
 ACCEL          BYTES    speed setting (``easyanimate.accel`` spec): exact | default | key=value items such as
                         ``cache=first_block,threshold=0.08`` (default: the model's ``generate_defaults``, else default)
+MODEL          BYTES    which of the server's allowed models answers (``serve --allow-models``): a version number,
+                        an alias or a ``models:/`` URI; empty/absent = the served default. Routed by the front
+                        (``serving/front.py``); the model itself only checks that the value names it
 ============== ======== ==================================================================================
 
 Outputs: ``VIDEO`` (BYTES [1]: MP4, or PNG for one frame) and ``METADATA`` (BYTES [1]: JSON); the streaming model also
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -495,10 +499,13 @@ def cost_inputs_grpc(request) -> dict[str, float]:
 # the client side of the schema
 
 
-def to_inputs(prompt: str, **params: Any) -> dict[str, np.ndarray]:
+def to_inputs(prompt: str, model: str | None = None, **params: Any) -> dict[str, np.ndarray]:
     """Request fields → ``{input name: numpy array of shape [1]}`` with the schema's datatypes (None = omitted, so
-    the server's default applies). Field names as in ``GenerationRequest``."""
+    the server's default applies). Field names as in ``GenerationRequest``; ``model`` is sent as ``MODEL`` (which
+    of the server's allowed models answers; None = its default)."""
     out = {"PROMPT": np.array([prompt.encode("utf-8")], dtype=object)}
+    if model is not None:
+        out[MODEL_INPUT] = np.array([str(model).encode("utf-8")], dtype=object)
     for field, value in params.items():
         if field not in _FIELD_TO_INPUT or field == "prompt":
             raise TypeError(f"unknown request field {field!r}: expected some of {list(_FIELD_TO_INPUT)}")
@@ -515,12 +522,90 @@ def to_inputs(prompt: str, **params: Any) -> dict[str, np.ndarray]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# MODEL: which of the server's allowed model sources answers (``easyanimate serve --allow-models``)
+
+MODEL_INPUT = "MODEL"
+MAX_MODEL_CHARS = 512
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:@(?P<alias>[A-Za-z0-9_.-]+)|/(?P<version>[1-9][0-9]*))/?$")
+_SHORT_VERSION = re.compile(r"^[1-9][0-9]*$")
+_SHORT_ALIAS = re.compile(r"^@?[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def parse_model_choice(value: str) -> str:
+    """Check a MODEL value for form (the client side of ``--model-version``) → it, stripped: a registry version
+    number (``3``), an alias (``champion`` or ``@champion``), a full ``models:/NAME/VERSION`` /
+    ``models:/NAME@ALIAS`` URI, or ``tiny``. Whether the server allows it is the server's answer."""
+    text = str(value).strip()
+    if len(text) > MAX_MODEL_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise RequestError(f"MODEL must be a version number, an alias or a models:/ URI of at most "
+                           f"{MAX_MODEL_CHARS} printable characters, got {text[:40]!r}")
+    if _SHORT_VERSION.match(text) or _MODELS_URI.match(text) or (_SHORT_ALIAS.match(text) and "/" not in text):
+        return text
+    raise RequestError("MODEL must be a version number (3), an alias (champion) or models:/NAME/VERSION | "
+                       f"models:/NAME@ALIAS, got {text[:80]!r}")
+
+
+def model_names(source: str) -> set[str]:
+    """The MODEL values that name an allowed ``source``: the source as written; for ``models:/NAME/VERSION`` also
+    ``VERSION`` and ``NAME/VERSION``; for ``models:/NAME@ALIAS`` also ``ALIAS``, ``@ALIAS`` and ``NAME@ALIAS``; for a
+    pipeline folder also its folder name (requests never carry server paths)."""
+    source = str(source).strip()
+    out = {source} if source else set()
+    m = _MODELS_URI.match(source)
+    if m and m["version"]:
+        out |= {m["version"], f"{m['name']}/{m['version']}"}
+    elif m and m["alias"]:
+        out |= {m["alias"], f"@{m['alias']}", f"{m['name']}@{m['alias']}"}
+    elif source.startswith("/"):
+        out.add(Path(source).name)
+    return out
+
+
+def bytes_input_http(header: Mapping[str, Any], binary: bytes | None, name: str) -> str | None:
+    """The first element of BYTES input ``name`` of a checked KServe v2 HTTP infer request (JSON ``data`` or a
+    binary tensor: a 4-byte little-endian length, then the bytes), decoded as UTF-8 (None when absent)."""
+    offset = 0
+    for tensor in header.get("inputs") or []:
+        size = int(((tensor.get("parameters") or {}).get("binary_data_size")) or 0)
+        if tensor.get("name") == name:
+            if size:
+                if binary is None or size < 4:
+                    return None
+                (n,) = np.frombuffer(binary[offset:offset + 4], dtype="<u4")
+                return bytes(binary[offset + 4:offset + 4 + int(n)]).decode("utf-8", "replace")
+            data = tensor.get("data")
+            while isinstance(data, list) and data:
+                data = data[0]
+            return str(data) if isinstance(data, str) else None
+        offset += size
+    return None
+
+
+def bytes_input_grpc(request, name: str) -> str | None:
+    """The first element of BYTES input ``name`` of a checked ``ModelInferRequest`` (None when absent)."""
+    raw = list(request.raw_input_contents)
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name != name:
+            continue
+        if raw:
+            blob = raw[i]
+            if len(blob) < 4:
+                return None
+            n = int(np.frombuffer(blob[:4], dtype="<u4")[0])
+            return bytes(blob[4:4 + n]).decode("utf-8", "replace")
+        values = tensor.contents.bytes_contents
+        return bytes(values[0]).decode("utf-8", "replace") if values else None
+    return None
+
+
 def numpy_dtype(datatype: str):
     """Numpy dtype for a Triton datatype name of this schema."""
     return {"BYTES": np.object_, "INT64": np.int64, "FP32": np.float32}[datatype]
 
 
-__all__ = ["Admission", "COST_INPUTS", "DEFAULT_LORA_ALPHA", "GenerationRequest", "INPUTS", "Limits", "MAX_SEED",
+__all__ = ["Admission", "COST_INPUTS", "MODEL_INPUT", "bytes_input_grpc", "bytes_input_http", "model_names",
+           "parse_model_choice", "DEFAULT_LORA_ALPHA", "GenerationRequest", "INPUTS", "Limits", "MAX_SEED",
            "OUTPUTS", "OverBudget", "REQUIRED", "RequestError", "STREAM_OUTPUTS", "check_budget", "check_budget_early",
            "check_lora_name", "check_request", "cost_inputs_grpc", "cost_inputs_http", "default_admission",
            "merge_defaults", "numpy_dtype", "parse_request", "request_cost", "resolve_lora", "to_inputs", "v2_defaults"]

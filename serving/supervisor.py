@@ -84,6 +84,12 @@ class Endpoint:
         self.front = Front(load_specs(REPOSITORY, server.models), host=host, http_port=http_port or 0,
                            grpc_port=grpc_port or 0, metrics_port=metrics_port or 0, limits=limits,
                            live=self._live, status=self._status)
+        # MODEL → the allowed source's Triton model, loaded on demand (serving/launch.py); the public model config
+        # (allowed / loaded models, their defaults) is answered by the front itself
+        self.front.route = server.route
+        self.front.upstream_name = server.upstream_name
+        self.front.catalog = server.catalog
+        self.front.configs = {m: (REPOSITORY / m / "config.pbtxt").read_text() for m in server.models}
         self.restarts: list[dict[str, Any]] = []  # {"time", "cause", "code", "attempt", "delay", "ok"}
         self.gave_up: str | None = None  # the cause, once restarts are exhausted
         self._state = "starting"

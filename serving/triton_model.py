@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from .request import (
+    MODEL_INPUT,
     Admission,
     GenerationRequest,
     Limits,
@@ -66,6 +67,7 @@ from .request import (
     check_request,
     default_admission,
     merge_defaults,
+    model_names,
     parse_request,
     resolve_lora,
 )
@@ -427,7 +429,10 @@ def _publish_admission(path: Path, model: LoadedModel) -> None:
     from .request import COST_INPUTS
 
     data = {"max_cost": model.admission.max_cost, "deadline_s": model.admission.deadline_s,
-            "defaults": {field: model.defaults[field] for field in COST_INPUTS.values()}}
+            "defaults": {field: model.defaults[field] for field in COST_INPUTS.values()},
+            # what clients may learn through the front (the web UI's defaults): no server paths in either
+            "generate": {k: v for k, v in model.defaults.items() if k != "lora"},
+            "model": {k: model.info.get(k) for k in ("name", "version", "source", "alias_uri", "served_as")}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
@@ -508,6 +513,11 @@ class TritonPythonModel:
         )
         self.stop_file = params.get("stop_file") or ""
         self.cancel_dir = params.get("cancel_dir") or ""
+        # the MODEL values that name this model (the launcher's allowed source; the front routes by them)
+        served_as = params.get("served_as") or params.get("model_alias") or self.model.info.get("source", "")
+        self.model.info["served_as"] = served_as
+        self.model_names = set(json.loads(params["model_names"])) if params.get("model_names") else \
+            model_names(served_as) | model_names(self.model.info.get("source", ""))
         if params.get("admission_dir"):  # the launcher's front refuses over-budget requests before they queue
             _publish_admission(Path(params["admission_dir"]) / f"{self.name}.json", self.model)
         _start_parent_watchdog(params.get("shm_prefix") or "")
@@ -545,6 +555,14 @@ class TritonPythonModel:
 
     def _parse(self, request) -> GenerationRequest:
         inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+        chosen = inputs.pop(MODEL_INPUT, None)
+        if chosen is not None:  # the front routed it here; without the front, a MODEL naming another is refused
+            value = chosen.reshape(-1)[0]
+            value = (bytes(value).decode("utf-8", "replace") if isinstance(value, bytes | np.bytes_)
+                     else str(value)).strip()
+            if value and value not in self.model_names:
+                raise RequestError(f"MODEL {value[:80]!r} is not served here: this model serves "
+                                   f"{self.model.info.get('served_as')}")
         req = parse_request(inputs, self.model.defaults, self.model.limits)
         self.metrics.cost.increment(check_budget(req, self.model.admission))  # over budget: refused before any work
         return req
