@@ -7,7 +7,7 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def evaluate(model: Input[Model], dataset: Input[Dataset], preset: str, overrides: str, tracking_uri: str,
+def evaluate(model: Input[Model], dataset: Input[Dataset], preset: str, overrides: list, tracking_uri: str,
              parent_run_id: str, metrics: Output[Metrics], samples: Output[Artifact], report: Output[HTML]):
     """``easyanimate.evaluate.evaluate`` on the model and the dataset's held-out clips → Metrics (what ``register``
     gates on), the sample MP4s + contact sheet (an artifact here, and in the nested MLflow run), an HTML report."""

@@ -7,7 +7,7 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def merge(shards: Input[list[Dataset]], preset: str, overrides: str, tracking_uri: str, parent_run_id: str,
+def merge(shards: Input[list[Dataset]], preset: str, overrides: list, tracking_uri: str, parent_run_id: str,
           dataset: Output[Dataset], report: Output[Markdown]):
     """The shard folders (``dsl.Collected`` from the fan-out) → one dataset folder with meta.json; the nested
     MLflow run "preprocess" gets the config, the merged counts, every shard's summary/rejects and the dataset as its

@@ -11,6 +11,13 @@ process may hold several trackers at once (a pipeline's parent run and a step's 
 An unreachable tracking server fails fast instead of stalling a pipeline: MLflow's HTTP retries are bounded
 (``bound_http_retries``: 2 retries, 1 s backoff, unless the environment sets them), and a tracker checks the server
 first (``check_tracking``: a few ``/health`` probes, then ``TrackingUnavailable`` naming the URI).
+
+Metric names are mapped here, in one place (``metric_name``): a tracker made with ``metrics="train"`` (VAE, DiT and
+LoRA runs) logs ``loss`` as ``train/loss`` and ``val_psnr`` as ``val/psnr``; ``metrics="eval"`` logs ``eval/<name>``,
+``metrics="data"`` ``data/<name>``; so "compare runs" charts line up across kinds of runs. The library's own files
+(``metrics.jsonl``, the evaluation JSON) keep the plain names. A trainer's end-of-run summary row becomes
+``summary.<name>`` tags instead of one-point charts. Sample MP4s smaller than ``video_min_side`` are logged enlarged
+(pixel repetition) so MLflow's artifact viewer, which shows a video at its own size, shows them at a visible size.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import math
 import os
 import posixpath
 import re
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +51,32 @@ DEFAULT_EXPERIMENT = "easyanimate"
 _PARAMS_PER_BATCH = 100  # log_batch accepts at most 100 params and 1000 metrics per call
 _METRICS_PER_BATCH = 1000
 _STATUSES = {RunStatus.to_string(s) for s in RunStatus.all_status()}
+
+# What a run's metrics are named in MLflow (README "MLflow", "Metric names"): the run's kind is the prefix, and a
+# training run's validation metrics (``val_*``) go to ``val/``; names that already hold a "/" (``system/…``,
+# ``registry/champion``) are kept.
+METRIC_KINDS = ("train", "eval", "data")
+# ``train_dit`` ends with one summary row at its last step (final/first-20 %/last-20 % loss, steps, seconds, world
+# size, mean throughput): single values and aggregates of series already logged, recognised by this key and set as
+# ``summary.<name>`` tags, where one-point charts would say nothing
+SUMMARY_MARKER = "steps_this_run"
+# MLflow 3.17's artifact viewer plays an MP4 in a <video> at the file's own size (max 100 % wide, 62.5 % of the
+# window high, no minimum): a 64 px sample is a speck in a black panel. Smaller MP4s are logged enlarged.
+VIDEO_MIN_SIDE = 256
+VIDEO_MAX_SIDE = 1536
+
+
+def metric_name(key: str, kind: str | None) -> str:
+    """The MLflow name of the library's metric ``key`` in a run of ``kind`` (None: unchanged).
+
+    ``("loss", "train")`` → ``train/loss``; ``("val_psnr", "train")`` → ``val/psnr``; ``("vae_psnr", "eval")`` →
+    ``eval/vae_psnr``; ``("kept_videos", "data")`` → ``data/kept_videos``; ``("system/cpu", any)`` unchanged."""
+    key = str(key)
+    if kind is None or "/" in key:
+        return key
+    if kind == "train" and key.startswith("val_"):
+        return f"val/{key[len('val_'):]}"
+    return f"{kind}/{key}"
 
 
 # MLflow's defaults retry a refused connection 7 times with backoff 2 (~4 minutes per call); a pipeline step makes
@@ -128,6 +162,31 @@ def _as_float(value: Any) -> float | None:
     return float(value)
 
 
+def enlarged_video(path: Path, folder: Path, min_side: int = VIDEO_MIN_SIDE,
+                   max_side: int = VIDEO_MAX_SIDE) -> Path | None:
+    """``folder/<name>``: the MP4 ``path`` enlarged k× by pixel repetition (same frames, same fps; k the smallest
+    whole factor that brings its shorter side to ``min_side``, bounded so the longer side stays ≤ ``max_side``);
+    None when ``path`` is not an MP4, is large enough, or ``min_side`` is 0."""
+    if min_side <= 0 or path.suffix.lower() != ".mp4":
+        return None
+    import av
+    import numpy as np
+
+    from easyanimate.video import read_video, video_to_mp4_bytes
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        height, width = stream.codec_context.height, stream.codec_context.width
+        fps = max(1, round(float(stream.average_rate or stream.guessed_rate or 24)))
+    factor = min(math.ceil(min_side / max(1, min(height, width))), max(1, max_side // max(1, height, width)))
+    if factor <= 1:
+        return None
+    frames = np.repeat(np.repeat(read_video(path), factor, axis=1), factor, axis=2)
+    out = folder / path.name
+    out.write_bytes(video_to_mp4_bytes(frames, fps))
+    return out
+
+
 def _experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -159,6 +218,10 @@ class MlflowTracker:
             ``system/*`` metrics every ``system_metrics_interval`` seconds until ``close()`` (MLflow's
             ``SystemMetricsMonitor``; default: ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``, else 10 s); for training
             runs.
+        metrics (`str`, optional): the run's kind for metric names (``METRIC_KINDS``: "train", "eval", "data";
+            see ``metric_name``); None (default) logs names as given.
+        video_min_side (`int`, optional): an MP4 logged as a file whose shorter side is below this is uploaded
+            enlarged by a whole factor (default ``VIDEO_MIN_SIDE``; 0 uploads every file as it is).
     """
 
     def __init__(
@@ -173,7 +236,13 @@ class MlflowTracker:
         end_on_close: bool | None = None,
         system_metrics: bool = False,
         system_metrics_interval: float | None = None,
+        metrics: str | None = None,
+        video_min_side: int = VIDEO_MIN_SIDE,
     ) -> None:
+        if metrics is not None and metrics not in METRIC_KINDS:
+            raise ValueError(f"metrics must be one of {list(METRIC_KINDS)} or None, got {metrics!r}")
+        self.metric_kind = metrics
+        self.video_min_side = int(video_min_side)
         bound_http_retries()
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = self.client.tracking_uri
@@ -240,7 +309,12 @@ class MlflowTracker:
             self._params.update({p.key: p.value for p in chunk})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log scalar metrics at ``step`` in one ``log_batch``; NaN/inf and non-numbers are dropped with a warning."""
+        """Log scalar metrics at ``step`` in one ``log_batch``, named by ``metric_name`` for this run's kind;
+        NaN/inf and non-numbers are dropped with a warning. A training run's summary row (``SUMMARY_MARKER``) is set
+        as ``summary.<name>`` tags instead."""
+        if self.metric_kind == "train" and SUMMARY_MARKER in metrics:
+            self.set_tags({f"summary.{k}": v for k, v in metrics.items() if _as_float(v) is not None})
+            return
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
@@ -248,7 +322,7 @@ class MlflowTracker:
             if number is None or not math.isfinite(number):
                 logger.warning("dropping metric %r=%r at step %d: not a finite number", key, value, step)
                 continue
-            items.append(Metric(key=str(key), value=number, timestamp=now, step=int(step)))
+            items.append(Metric(key=metric_name(key, self.metric_kind), value=number, timestamp=now, step=int(step)))
         for i in range(0, len(items), _METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i: i + _METRICS_PER_BATCH])
 
@@ -259,7 +333,9 @@ class MlflowTracker:
             dest = posixpath.join(artifact_path, path.name) if artifact_path else path.name
             self.client.log_artifacts(self.run_id, str(path), dest)
         elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            with tempfile.TemporaryDirectory(prefix="mlflow-video-") as tmp:
+                shown = enlarged_video(path, Path(tmp), self.video_min_side)
+                self.client.log_artifact(self.run_id, str(shown or path), artifact_path)
         else:
             raise FileNotFoundError(f"cannot log artifact {path}: expected a file or folder")
 
@@ -341,5 +417,6 @@ def end_run(tracking_uri: str | None, run_id: str, status: str = "FINISHED") -> 
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
-__all__ = ["HTTP_RETRY_DEFAULTS", "MlflowTracker", "TrackingUnavailable", "bound_http_retries", "check_tracking",
-           "end_run", "flatten_params", "redact_uri", "start_parent_run"]
+__all__ = ["HTTP_RETRY_DEFAULTS", "METRIC_KINDS", "MlflowTracker", "SUMMARY_MARKER", "TrackingUnavailable",
+           "VIDEO_MIN_SIDE", "bound_http_retries", "check_tracking", "end_run", "enlarged_video", "flatten_params",
+           "metric_name", "redact_uri", "start_parent_run"]

@@ -7,7 +7,7 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def preprocess(source: str, data_version: str, shard: str, preset: str, overrides: str, shard_data: Output[Dataset],
+def preprocess(source: str, data_version: str, shard: str, preset: str, overrides: list, shard_data: Output[Dataset],
                report: Output[Markdown]):
     """Shard ``shard`` ("i/n") of the folder (or list file) ``source`` → a partial dataset folder (clips, meta.json,
     scores.parquet, rejects.csv, summary.json). No MLflow run here: it is a pure function of its inputs — among them

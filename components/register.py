@@ -9,7 +9,7 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def register(model: Input[Model], metrics: Input[Metrics], dataset: Input[Dataset], preset: str, overrides: str,
+def register(model: Input[Model], metrics: Input[Metrics], dataset: Input[Dataset], preset: str, overrides: list,
              tracking_uri: str, parent_run_id: str, model_name: str,
              report: Output[Markdown]) -> NamedTuple("RegisterOutputs", [("model_version", str), ("champion", bool)]):
     """A new version of ``model_name`` (alias ``challenger``) with lineage tags and the weights' sha256 manifest,

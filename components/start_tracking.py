@@ -6,7 +6,7 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def start_tracking(tracking_uri: str, experiment: str, run_name: str, kfp_run_id: str, preset: str, overrides: str,
+def start_tracking(tracking_uri: str, experiment: str, run_name: str, kfp_run_id: str, preset: str, overrides: list,
                    data: str, num_shards: int, train_vae: bool, lora: bool, model_name: str) -> str:
     """Create the parent run (RUNNING until ``finish_tracking``), log the resolved config and the pipeline
     parameters; returns the parent run id."""

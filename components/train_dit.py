@@ -7,7 +7,7 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def train_dit(dataset: Input[Dataset], preset: str, overrides: str, tracking_uri: str, parent_run_id: str,
+def train_dit(dataset: Input[Dataset], preset: str, overrides: list, tracking_uri: str, parent_run_id: str,
               lora: bool, launcher: str, trainjob_nodes: int, trainjob_gpus_per_node: int, trainjob_image: str,
               pipeline: Output[Model], metrics: Output[Metrics], report: Output[Markdown], vae: Input[Model] = None):
     """``easyanimate.train.dit.train_dit`` on the dataset (on the freshly trained ``vae`` when given) → the pipeline

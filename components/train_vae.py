@@ -7,7 +7,7 @@ from components import BASE_IMAGE
 
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
-def train_vae(dataset: Input[Dataset], preset: str, overrides: str, tracking_uri: str, parent_run_id: str,
+def train_vae(dataset: Input[Dataset], preset: str, overrides: list, tracking_uri: str, parent_run_id: str,
               vae: Output[Model], metrics: Output[Metrics], report: Output[Markdown]):
     """``easyanimate.train.vae.train_vae`` in a per-run work folder (a retried pod resumes from its checkpoints) →
     the VAE folder as a Model artifact; params, metrics and reconstruction MP4s go to the nested MLflow run."""

@@ -24,20 +24,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LOCAL_ROOT = Path("outputs/pipeline")
 
 
-def _overrides_json(overrides: str | Sequence[str] | None) -> str:
-    """A JSON list string from a list of ``section.key=value`` (or an already-JSON string)."""
+def _overrides_list(overrides: str | Sequence[str] | None) -> list[str]:
+    """The pipeline's ``overrides`` list input from a list of ``section.key=value`` (or its JSON text)."""
     if overrides is None:
-        return "[]"
+        return []
     if isinstance(overrides, str):
         from components.glue.settings import parse_overrides
 
-        return json.dumps(parse_overrides(overrides))
-    return json.dumps([str(o) for o in overrides])
+        return parse_overrides(overrides)
+    return [str(o) for o in overrides]
 
 
 def pipeline_arguments(**params: Any) -> dict[str, Any]:
-    """Pipeline parameters from keyword arguments: ``overrides`` may be a list; unknown names are errors; None
-    values are left to the pipeline's defaults."""
+    """Pipeline parameters from keyword arguments: ``overrides`` is a list (its JSON text is accepted too); unknown
+    names are errors; None values are left to the pipeline's defaults."""
     from pipelines.train_pipeline import train_pipeline
 
     known = set(train_pipeline.component_spec.inputs or {})
@@ -46,7 +46,7 @@ def pipeline_arguments(**params: Any) -> dict[str, Any]:
         raise TypeError(f"unknown pipeline parameter(s) {unknown}; the pipeline takes {sorted(known)}")
     args = {k: v for k, v in params.items() if v is not None}
     if "overrides" in args:
-        args["overrides"] = _overrides_json(args["overrides"])
+        args["overrides"] = _overrides_list(args["overrides"])
     return args
 
 

@@ -105,7 +105,7 @@ def _train_dit_evaluate_register(dit: dsl.PipelineTask, *, dataset, model_name, 
 def train_pipeline(
     data: str = f"{DATA_MOUNT}/raw",
     preset: str = "v2_512",
-    overrides: str = "[]",
+    overrides: list[str] = [],  # noqa: B006 (kfp reads the default; the function is never called directly)
     num_shards: int = 4,
     train_vae: bool = False,
     lora: bool = False,
@@ -124,8 +124,8 @@ def train_pipeline(
         data: Folder (or list file) of raw videos/images with their captions, under the data PVC (/data).
         preset: Config preset (tiny, tiny_slice, v2_512, v2_768, v3_slice_512) or a YAML path inside the image;
             its model.vae decides the VAE layout (V2 9-frame chunks, or the slice VAE's 1 + 8k).
-        overrides: JSON list of "section.key=value" strings applied to the preset in every step,
-            e.g. ["train.max_steps=2000", "evaluate.steps=25"].
+        overrides: List of "section.key=value" settings applied to the preset in every step,
+            e.g. ["train.max_steps=2000", "evaluate.steps=25"]; empty = the preset as it is.
         num_shards: How many preprocess tasks run side by side (the fan-out width).
         train_vae: Train the VAE first, then the DiT on it.
         lora: Train a LoRA instead of the DiT's trainable modules (the registered model has it merged).

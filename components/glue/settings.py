@@ -1,6 +1,7 @@
 """A step's configuration: the preset plus the pipeline's ``overrides`` → ``Config``; the registry gates it sets.
 
-``overrides`` reaches a component as a JSON list of ``section.key=value`` strings (KFP passes it as a string).
+``overrides`` reaches a component as a list of ``section.key=value`` strings (the pipeline's ``List[str]`` input);
+a JSON text of that list is accepted too (what the pipeline took before, and what a shell passes).
 """
 
 from __future__ import annotations
@@ -8,8 +9,12 @@ from __future__ import annotations
 import json
 
 
-def parse_overrides(text: str | None) -> list[str]:
-    """``'["train.max_steps=2", "evaluate.steps=2"]'`` → the list; empty text → []."""
+def parse_overrides(text: str | list | None) -> list[str]:
+    """``["train.max_steps=2", "evaluate.steps=2"]`` (or its JSON text) → the list; None / empty text → []."""
+    if isinstance(text, (list, tuple)):
+        if not all(isinstance(v, str) for v in text):
+            raise ValueError(f"overrides must be a list of 'section.key=value' strings, got {list(text)!r}")
+        return list(text)
     text = (text or "").strip()
     if not text:
         return []
@@ -22,8 +27,8 @@ def parse_overrides(text: str | None) -> list[str]:
     return value
 
 
-def config(preset: str, overrides: str | None):
-    """The resolved ``Config`` of a preset and a JSON list of overrides (unknown keys are errors)."""
+def config(preset: str, overrides: str | list | None):
+    """The resolved ``Config`` of a preset and a list of overrides (or its JSON text; unknown keys are errors)."""
     from easyanimate.config import load_config
 
     return load_config(preset, parse_overrides(overrides))

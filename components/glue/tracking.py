@@ -73,24 +73,31 @@ def end_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str,
 def summarize_pipeline_run(tracking_uri: str, parent_run_id: str, metrics: dict[str, float], model_version: str,
                            promoted: bool) -> None:
     """The pipeline's parent run gets the outcome (what "compare runs" shows a pipeline run by): the evaluation
-    metrics, ``champion`` 1/0 as metrics; the registered version as a tag."""
+    metrics under the evaluate run's names (``eval/…``) and ``registry/champion`` 1/0; the registered version as a
+    tag."""
     from components.mlflow_tracker import MlflowTracker
 
-    parent = MlflowTracker(parent_run_id, tracking_uri=tracking_uri or None)
-    parent.log_metrics({**metrics, "champion": float(promoted)}, step=0)
+    parent = MlflowTracker(parent_run_id, tracking_uri=tracking_uri or None, metrics="eval")
+    parent.log_metrics({**metrics, "registry/champion": float(promoted)}, step=0)
     parent.set_tags({"model_version": model_version, "champion": promoted})
+
+
+# the metric names of each step's run (components/mlflow_tracker.py ``metric_name``): train/… and val/… for every
+# trainer (VAE, DiT, LoRA), eval/… for the evaluation, data/… for the preprocessing counts
+STEP_METRICS = {"train_vae": "train", "train_dit": "train", "evaluate": "eval", "preprocess": "data"}
 
 
 def step_run(tracking_uri: str, parent_run_id: str, step: str, cfg=None, tags: dict[str, Any] | None = None,
              dataset=None, system_metrics: bool = False):
     """The nested MLflow run of one step, as a ``Tracker`` context manager (FINISHED on success, FAILED on an
     exception); the resolved config is logged as params when ``cfg`` is given, the KFP ``dataset`` artifact the step
-    reads as the run's MLflow input, and ``system_metrics`` samples CPU/memory/GPU while the step runs."""
+    reads as the run's MLflow input, and ``system_metrics`` samples CPU/memory/GPU while the step runs. Metric names
+    follow ``STEP_METRICS``."""
     from components.mlflow_tracker import MlflowTracker
 
     tracker = MlflowTracker(tracking_uri=tracking_uri or None, run_name=step, parent_run_id=parent_run_id or None,
                             tags={"step": step, "pipeline_run_id": parent_run_id, **(tags or {})},
-                            system_metrics=system_metrics)
+                            system_metrics=system_metrics, metrics=STEP_METRICS.get(step))
     if cfg is not None:
         tracker.log_params(cfg.to_dict())
     if dataset is not None:
@@ -150,9 +157,10 @@ def sample_links(tracker, paths: list[str], folder: str = "samples") -> dict[str
 
 def log_dataset(tracker, dataset_dir: str | os.PathLike, shards: list, summary: dict[str, Any],
                 metadata: dict[str, Any] | None = None) -> None:
-    """The preprocessing run's record: merged counts as metrics; meta.json, summary.json, rejects.csv of the dataset
-    and every shard's summary.json (``shards/<i>-of-<n>/``) as artifacts; with the dataset artifact's ``metadata``
-    (``data.dataset_metadata``), the dataset as the run's MLflow input (context "preprocessing")."""
+    """The preprocessing run's record: merged counts as metrics (``data/…`` in a ``step_run``); meta.json,
+    summary.json, rejects.csv of the dataset and every shard's summary.json (``shards/<i>-of-<n>/``) as artifacts;
+    with the dataset artifact's ``metadata`` (``data.dataset_metadata``), the dataset as the run's MLflow input
+    (context "preprocessing")."""
     if metadata is not None:
         log_dataset_input(tracker, dataset_dir, metadata, "preprocessing")
     tracker.log_metrics(scalars(summary), step=0)

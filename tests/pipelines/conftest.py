@@ -1,6 +1,8 @@
-"""Fixtures of the pipeline tests: a small real input folder (the MLflow server fixture is in tests/conftest.py)."""
+"""Fixtures of the pipeline tests: a small real input folder, and two local pipeline runs against the session's MLflow
+server (the MLflow server fixture is in tests/conftest.py)."""
 
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,32 @@ def small_sample_data(tmp_path_factory) -> Path:
         (sub / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(full / rel, sub / rel)
     return sub
+
+
+@pytest.fixture(scope="session")
+def runs(mlflow_server, small_sample_data, tmp_path_factory):
+    """Two whole local pipeline runs (kfp.local) against the session's MLflow server, shared by every module that
+    looks at them (test_local_run, test_mlflow_ui): 1.5-2 min on 2 cores.
+
+    ``first``: with the VAE branch, the preset's gates → champion; ``second``: without the VAE, a LoRA, with
+    ``evaluate.gate_max_val_loss=0`` → rejected, stays challenger."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import run_local
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the quick training steps last a few seconds
+    name = f"pipeline-test-{uuid.uuid4().hex[:8]}"
+    experiment = f"pipeline-test-{uuid.uuid4().hex[:8]}"
+    common = {"data": str(small_sample_data), "preset": "tiny", "num_shards": 2, "tracking_uri": mlflow_server,
+              "experiment": experiment, "model_name": name}
+    try:
+        first = run_local(pipeline_root=tmp_path_factory.mktemp("run_pass"), overrides=FAST_OVERRIDES,
+                          train_vae=True, **common)
+        second = run_local(pipeline_root=tmp_path_factory.mktemp("run_gate"),
+                           overrides=[*FAST_OVERRIDES, "evaluate.gate_max_val_loss=0"], train_vae=False, lora=True,
+                           **common)
+    finally:
+        monkey.undo()
+    return {"first": first, "second": second, "name": name, "experiment": experiment,
+            "client": MlflowClient(mlflow_server, registry_uri=mlflow_server)}

@@ -1,7 +1,6 @@
 """The pipeline compiles to IR YAML with our image, GPU requests on the trainers, the preprocess fan-out, retries,
 caching switches and the PVC mounts; the CLI drives compile/submit."""
 
-import json
 import os
 import subprocess
 import sys
@@ -118,7 +117,14 @@ def test_pipeline_parameters(compiled):
     # the Kubeflow run form shows each input's description (from the pipeline docstring's Args)
     missing = sorted(name for name, p in params.items() if len(p.get("description") or "") < 15)
     assert not missing, f"inputs without a description in the run form: {missing}"
-    assert "JSON list" in params["overrides"]["description"]
+    # overrides is a list input (the run form takes ["train.max_steps=2000", ...], no JSON string inside a string);
+    # every step takes it as a list too
+    assert params["overrides"]["parameterType"] == "LIST" and params["overrides"]["defaultValue"] == []
+    assert "section.key=value" in params["overrides"]["description"]
+    steps = {name: comp["inputDefinitions"]["parameters"]["overrides"]["parameterType"]
+             for name, comp in spec["components"].items()
+             if "overrides" in (comp.get("inputDefinitions") or {}).get("parameters", {})}
+    assert len(steps) >= 7 and set(steps.values()) == {"LIST"}, steps
 
 
 def test_image_follows_the_environment(tmp_path):
@@ -143,7 +149,10 @@ def test_cli_compile_and_unknown_parameter(tmp_path):
         assert result.exit_code == 0 and "--preset" in result.output and "--set" in result.output
     with pytest.raises(TypeError, match="unknown pipeline parameter"):
         pipeline_arguments(shards=3)
-    assert pipeline_arguments(overrides=["a.b=1"], lora=None) == {"overrides": '["a.b=1"]'}
+    assert pipeline_arguments(overrides=["a.b=1"], lora=None) == {"overrides": ["a.b=1"]}
+    assert pipeline_arguments(overrides='["a.b=1", "c.d=2"]') == {"overrides": ["a.b=1", "c.d=2"]}  # JSON text
+    with pytest.raises(ValueError, match="list of 'section.key=value' strings"):
+        pipeline_arguments(overrides='{"a": 1}')
 
 
 def test_submit_creates_a_run_in_the_experiment(monkeypatch, tmp_path):
@@ -164,5 +173,5 @@ def test_submit_creates_a_run_in_the_experiment(monkeypatch, tmp_path):
                  num_shards=8, lora=True)
     assert out == {"run_id": "r-123", "url": "http://kfp.example:8080/#/runs/details/r-123"}
     assert calls["experiment"] == "team-exp" and calls["func"] == "easyanimate-train"
-    assert calls["arguments"] == {"experiment": "team-exp", "preset": "v2_512", "overrides": json.dumps(
-        ["train.max_steps=10"]), "num_shards": 8, "lora": True}
+    assert calls["arguments"] == {"experiment": "team-exp", "preset": "v2_512", "overrides": ["train.max_steps=10"],
+                                  "num_shards": 8, "lora": True}

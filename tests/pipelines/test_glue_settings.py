@@ -14,6 +14,14 @@ def test_overrides_are_a_json_list():
     assert cfg.train.max_steps == 3
 
 
+def test_overrides_as_the_pipelines_list_input():
+    assert settings.parse_overrides(["a.b=1", "c.d=[1, 2]"]) == ["a.b=1", "c.d=[1, 2]"]
+    assert settings.parse_overrides([]) == [] and settings.parse_overrides(None) == []
+    with pytest.raises(ValueError, match="list of 'section.key=value' strings"):
+        settings.parse_overrides(["a.b=1", 2])
+    assert settings.config("tiny", ["train.max_steps=4"]).train.max_steps == 4
+
+
 def test_gates_follow_the_evaluate_config():
     cfg = settings.config("tiny", '["evaluate.gate_max_val_loss=0.5", "evaluate.gate_min_vae_psnr=20"]')
     limits, higher = settings.gates(cfg.evaluate)

@@ -1,42 +1,20 @@
-"""The whole pipeline on this machine (kfp.local, SubprocessRunner) against a real MLflow server, twice:
+"""The whole pipeline on this machine (kfp.local, SubprocessRunner) against a real MLflow server, twice (the
+``runs`` fixture, tests/pipelines/conftest.py):
 
 1. with the VAE branch, gates at their (permissive) preset values → a parent run with nested step runs, metrics,
    sample MP4s and a contact sheet; a registered version with lineage tags and the sha256 manifest; ``champion``;
-2. without the VAE, with ``evaluate.gate_max_val_loss=0`` → a new version that does NOT become champion.
+2. without the VAE, a LoRA, with ``evaluate.gate_max_val_loss=0`` → a new version that does NOT become champion.
 """
 
 import hashlib
 import json
 import re
-import uuid
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
-from pipelines.cli import run_local
-
-from .conftest import FAST_OVERRIDES
 
 STEPS = {"preprocess", "train_vae", "train_dit", "evaluate", "register"}
 pytestmark = pytest.mark.slow  # both runs: 1.5-2 min on 2 cores
-
-
-@pytest.fixture(scope="module")
-def runs(mlflow_server, small_sample_data, tmp_path_factory):
-    monkey = pytest.MonkeyPatch()
-    monkey.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the quick training steps last a few seconds
-    name = f"pipeline-test-{uuid.uuid4().hex[:8]}"
-    experiment = f"pipeline-test-{uuid.uuid4().hex[:8]}"
-    common = {"data": str(small_sample_data), "preset": "tiny", "num_shards": 2, "tracking_uri": mlflow_server,
-              "experiment": experiment, "model_name": name}
-    first = run_local(pipeline_root=tmp_path_factory.mktemp("run_pass"), overrides=FAST_OVERRIDES,
-                      train_vae=True, **common)
-    second = run_local(pipeline_root=tmp_path_factory.mktemp("run_gate"),
-                       overrides=[*FAST_OVERRIDES, "evaluate.gate_max_val_loss=0"], train_vae=False, **common)
-    monkey.undo()
-    return {"first": first, "second": second, "name": name, "experiment": experiment,
-            "client": MlflowClient(mlflow_server, registry_uri=mlflow_server)}
 
 
 def _children(client, parent_id):
@@ -55,10 +33,10 @@ def test_parent_run_with_nested_step_runs(runs):
     for run in children.values():
         assert run.info.status == "FINISHED"
         assert run.data.params["name"] == "tiny"  # the resolved config, as params
-    assert "loss" in children["train_dit"].data.metrics
-    assert "val_psnr" in children["train_vae"].data.metrics
-    assert {"val_loss", "vae_psnr", "flicker"} <= set(children["evaluate"].data.metrics)
-    assert children["preprocess"].data.metrics["kept_videos"] >= 1
+    assert "train/loss" in children["train_dit"].data.metrics
+    assert "val/psnr" in children["train_vae"].data.metrics
+    assert {"eval/val_loss", "eval/vae_psnr", "eval/flicker"} <= set(children["evaluate"].data.metrics)
+    assert children["preprocess"].data.metrics["data/kept_videos"] >= 1
     shards = [f.path for f in client.list_artifacts(children["preprocess"].info.run_id, "shards")]
     assert shards == ["shards/0-of-2", "shards/1-of-2"]  # every shard's summary, from the fan-out
 
@@ -143,7 +121,8 @@ def test_mlflow_shows_datasets_system_metrics_and_outcomes(runs):
         metrics = client.get_run(children[step].info.run_id).data.metrics
         assert any(k.startswith("system/cpu_utilization") for k in metrics), f"{step}: {sorted(metrics)}"
     parent = client.get_run(first["parent_run_id"]).data
-    assert {"val_loss", "vae_psnr", "flicker", "champion"} <= set(parent.metrics) and parent.metrics["champion"] == 1
+    assert {"eval/val_loss", "eval/vae_psnr", "eval/flicker", "registry/champion"} <= set(parent.metrics)
+    assert parent.metrics["registry/champion"] == 1
     assert parent.tags["model_version"] == first["model_version"]
     mv = client.get_model_version(name, first["model_version"])
     assert mv.description.startswith("**promoted") and "| val_loss |" in mv.description
@@ -161,3 +140,44 @@ def test_mlflow_shows_datasets_system_metrics_and_outcomes(runs):
     assert mlmodel.saved_input_example_info is not None
     logged = client.get_logged_model(mv.source.split("/")[-1])  # models:/<model id>
     assert {m.key for m in logged.metrics} >= {"val_loss", "vae_psnr"} and logged.params["preset"] == "tiny"
+
+
+PREFIXES = ("train/", "val/", "eval/", "data/", "system/")
+
+
+def test_metric_names_line_up_across_runs(runs):
+    """"Compare runs" charts line up: the VAE, DiT and LoRA runs name the same things the same way (``train/…``,
+    ``val/…``), per-step series stay series, the DiT's end-of-run summary is tags, not one-point charts; the
+    evaluation and the pipeline's parent run share ``eval/…``; the files our code reads keep the plain names."""
+    client = runs["client"]
+    first = {r.data.tags["mlflow.runName"]: r for r in _children(client, runs["first"]["parent_run_id"])}
+    second = {r.data.tags["mlflow.runName"]: r for r in _children(client, runs["second"]["parent_run_id"])}
+    trainers = {"vae": first["train_vae"], "dit": first["train_dit"], "lora": second["train_dit"]}
+    assert second["train_dit"].data.tags["lora"] == "True"
+    for step, run in [*trainers.items(), *first.items(), *second.items()]:
+        if step == "register":  # the registry's record: the logged model's metrics, as promote_if_better reads them
+            continue
+        names = set(run.data.metrics)
+        assert all(k.startswith(PREFIXES) for k in names), f"{step}: unprefixed metrics {sorted(names)}"
+    common = {"train/loss", "train/lr", "train/grad_norm", "train/epoch", "train/samples_per_s"}
+    for kind, run in trainers.items():
+        assert common <= set(run.data.metrics), f"{kind}: {sorted(run.data.metrics)}"
+        # a series, one point per logged optimizer step (train.log_every=1, train.max_steps=2), not a summary dot
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in history] == [1, 2], f"{kind}: {[(m.step, m.value) for m in history]}"
+    assert {"val/psnr", "val/ssim"} <= set(trainers["vae"].data.metrics)
+    assert [m.step for m in client.get_metric_history(trainers["vae"].info.run_id, "val/psnr")] == [0, 2]
+    for kind in ("dit", "lora"):
+        run = trainers[kind]
+        assert {"val/loss", "val/mse", "val/vb", "train/tokens_per_s"} <= set(run.data.metrics), kind
+        tags = run.data.tags  # the end-of-run summary row: tags, and none of it as a metric
+        assert tags["summary.steps"] == "2" and float(tags["summary.final_loss"]) > 0, kind
+        assert not {"train/final_loss", "train/steps", "train/seconds", "final_loss"} & set(run.data.metrics), kind
+    evaluate, parent = first["evaluate"].data.metrics, client.get_run(runs["first"]["parent_run_id"]).data.metrics
+    shared = {k for k in evaluate if k in parent}
+    assert {"eval/val_loss", "eval/vae_psnr", "eval/flicker"} <= shared
+    assert all(parent[k] == evaluate[k] for k in shared)
+    # what our code reads stays as it was: the KFP metrics (gates, promote_if_better) and the registry version
+    assert {"val_loss", "vae_psnr", "flicker"} <= set(runs["first"]["metrics"])
+    mv = client.get_model_version(runs["name"], runs["first"]["model_version"])
+    assert float(mv.tags["metric.val_loss"]) == runs["first"]["metrics"]["val_loss"]
