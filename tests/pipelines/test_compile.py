@@ -127,13 +127,18 @@ def test_pipeline_parameters(compiled):
     assert len(steps) >= 7 and set(steps.values()) == {"LIST"}, steps
 
 
-def test_image_follows_the_environment(tmp_path):
+def test_image_and_mlflow_ui_url_follow_the_environment(tmp_path):
     out = tmp_path / "p.yaml"
     code = "import sys; from pipelines.cli import compile_pipeline; compile_pipeline(sys.argv[1])"
     env = {**os.environ, "EASYANIMATE_IMAGE": "registry.example.com/ea/easyanimate-mlops:test",
-           "PYTHONPATH": str(REPO)}
+           "EASYANIMATE_MLFLOW_UI_URL": "https://mlflow.example.org", "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env, cwd=REPO, timeout=120)
     assert "image: registry.example.com/ea/easyanimate-mlops:test" in out.read_text()
+    # report links: every task gets the MLflow UI address a browser outside the cluster opens
+    spec = next(d for d in yaml.safe_load_all(out.read_text()) if d and "pipelineInfo" in d)
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        env_vars = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+        assert env_vars.get("EASYANIMATE_MLFLOW_UI_URL") == "https://mlflow.example.org", name
 
 
 def test_cli_compile_and_unknown_parameter(tmp_path):
