@@ -332,10 +332,16 @@ class MlflowTracker:
         if path.is_dir():
             dest = posixpath.join(artifact_path, path.name) if artifact_path else path.name
             self.client.log_artifacts(self.run_id, str(path), dest)
-        elif path.is_file():
+        elif path.is_file() and path.suffix.lower() == ".mp4" and self.video_min_side > 0:
             with tempfile.TemporaryDirectory(prefix="mlflow-video-") as tmp:
-                shown = enlarged_video(path, Path(tmp), self.video_min_side)
+                try:
+                    shown = enlarged_video(path, Path(tmp), self.video_min_side)
+                except Exception as exc:  # a display nicety: never fail the run for it, log the file as it is
+                    logger.warning("logging %s at its own size: could not enlarge it (%s)", path, exc)
+                    shown = None
                 self.client.log_artifact(self.run_id, str(shown or path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
         else:
             raise FileNotFoundError(f"cannot log artifact {path}: expected a file or folder")
 

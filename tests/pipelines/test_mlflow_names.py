@@ -48,21 +48,26 @@ def _mp4(path, height, width, frames=9):
     return write_video(path, rng.integers(0, 255, (frames, height, width, 3), dtype=np.uint8), fps=8)
 
 
-def test_small_sample_videos_are_logged_at_a_visible_size(mlflow_server, tmp_path):
+def test_small_sample_videos_are_logged_at_a_visible_size(mlflow_server, tmp_path, caplog):
     """MLflow's viewer plays an MP4 at its own size: a 64 px sample is logged enlarged by pixel repetition (same
-    frames, same fps); a large one and other files go up byte for byte; the file on disk is untouched."""
+    frames, same fps); a large one, a broken one and other files go up byte for byte; the file on disk is
+    untouched."""
     small, large, side = _mp4(tmp_path / "s" / "prompt-00.mp4", 64, 64), _mp4(tmp_path / "l" / "big.mp4", 256, 320), \
         _mp4(tmp_path / "w" / "recon.mp4", 64, 128)
+    broken = tmp_path / "b" / "broken.mp4"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a video")
     small_bytes = small.read_bytes()
     client = MlflowClient(mlflow_server)
     with MlflowTracker(tracking_uri=mlflow_server, experiment="names-test", run_name="evaluate",
                        metrics="eval") as tracker:
-        for path in (small, large, side):
+        for path in (small, large, side, broken):
             tracker.log_artifact(path, "samples")
     assert small.read_bytes() == small_bytes
     out = tmp_path / "down"
     got = {p: client.download_artifacts(tracker.run_id, f"samples/{p}", str(out)) for p in
-           ("prompt-00.mp4", "big.mp4", "recon.mp4")}
+           ("prompt-00.mp4", "big.mp4", "recon.mp4", "broken.mp4")}
+    assert open(got["broken.mp4"], "rb").read() == b"not a video" and "could not enlarge it" in caplog.text
     shown = read_video(got["prompt-00.mp4"])
     assert shown.shape == (9, 256, 256, 3), shown.shape
     original = read_video(small)
