@@ -313,7 +313,8 @@ class MlflowTracker:
         NaN/inf and non-numbers are dropped with a warning. A training run's summary row (``SUMMARY_MARKER``) is set
         as ``summary.<name>`` tags instead."""
         if self.metric_kind == "train" and SUMMARY_MARKER in metrics:
-            self.set_tags({f"summary.{k}": v for k, v in metrics.items() if _as_float(v) is not None})
+            numbers = {k: _as_float(v) for k, v in metrics.items()}
+            self.set_tags({f"summary.{k}": f"{v:.6g}" for k, v in numbers.items() if v is not None})
             return
         now = int(time.time() * 1000)
         items = []
