@@ -4,8 +4,8 @@ run page on that artifact, and the sample plays there, at a visible size (headle
 MLflow 3.17's artifact viewer plays .mp4/.mov/.mkv/.webm/.avi in a ``<video controls>`` whose source is a ``blob:``
 URL of the downloaded file, shown at the file's own size (at most 100 % wide and 62.5 % of the window high). The
 tracker logs samples under 256 px enlarged (components/mlflow_tracker.py ``enlarged_video``), so a 64 px tiny-preset
-sample shows at 256 px. The looping GIF preview beside each MP4 stays for viewers that cannot play MP4 (MLflow's
-image viewer shows it); this test checks the MP4 itself.
+sample shows at 256 px. The looping GIF preview beside each MP4 is for viewers that cannot play MP4; MLflow's
+image viewer shows it too (checked after the MP4).
 
 Needs Debian's ``chromium`` (``make test`` installs it); without it the test is skipped, saying so. The screenshot
 goes to ``tests/artifacts/mlflow_video.png``.
@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.slow,  # reuses the `runs` fixture (two pipeline runs)
 VIDEO_STATE = """() => { const v = document.querySelector('video');
   return v && {ready: v.readyState, duration: v.duration, error: v.error && v.error.code, width: v.videoWidth,
                height: v.videoHeight, src: v.currentSrc, controls: v.controls}; }"""
+IMAGES = """() => [...document.querySelectorAll('img')].filter(i => i.src.startsWith('blob:')).map(i => (
+  {complete: i.complete, width: i.naturalWidth, height: i.naturalHeight, shown: i.getBoundingClientRect().width}))"""
+IMAGE_SHOWN = f"() => ({IMAGES})().some(i => i.complete && i.width > 0 && i.shown > 0)"
 VIDEO_LOADED = f"() => {{ const s = ({VIDEO_STATE})(); return !!s && (s.ready >= 1 || s.duration > 0 || !!s.error); }}"
 
 
@@ -60,6 +63,10 @@ def test_the_reports_sample_link_plays_the_video_in_mlflow(runs):
                                          state["src"])
             finally:
                 page.screenshot(path=str(ARTIFACTS / "mlflow_video.png"))
+            # the looping GIF preview beside it (for viewers that cannot play MP4): MLflow's image viewer shows it
+            page.get_by_text("prompt-00.gif", exact=True).click()  # in the run's artifact tree
+            page.wait_for_function(IMAGE_SHOWN)
+            images = page.evaluate(IMAGES)
         finally:
             browser.close()
     assert state["error"] is None, f"the browser could not play the sample: MediaError code {state['error']}"
@@ -69,3 +76,4 @@ def test_the_reports_sample_link_plays_the_video_in_mlflow(runs):
     # a visible size: the 64 px tiny-preset sample was logged enlarged to 256 px, and is shown at that size
     assert (state["width"], state["height"]) == (256, 256), state
     assert box and box["width"] >= 250 and box["height"] >= 250, box
+    assert any(i["width"] >= 256 and i["shown"] >= 250 for i in images), images
