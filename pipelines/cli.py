@@ -267,8 +267,8 @@ def submit(host: str, experiment: str = "easyanimate", *, mlflow_experiment: str
     ``experiment``; the MLflow parent run goes to ``mlflow_experiment`` (default: the same name).
 
     ``package``: a compiled YAML to submit instead of the pipeline function. ``params``: pipeline parameters
-    (``overrides`` may be a list). Credentials: the ``kfp.Client`` defaults (in-cluster service account, or
-    ``KF_PIPELINES_SA_TOKEN_PATH``). Returns ``{"run_id", "url"}``.
+    (``overrides``: a list of ``section.key=value``, or its JSON text). Credentials: the ``kfp.Client`` defaults
+    (in-cluster service account, or ``KF_PIPELINES_SA_TOKEN_PATH``). Returns ``{"run_id", "url"}``.
     """
     import kfp
 
