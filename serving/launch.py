@@ -85,6 +85,7 @@ class ServedModel:
     loaded: bool = False
     last_used: float = 0.0
     inflight: int = 0  # requests routed to it and not finished (an eviction waits for them)
+    defaults: dict[str, Any] | None = None  # its generate defaults as registered (before it ever loaded)
 
     @property
     def public(self) -> str:
@@ -501,6 +502,9 @@ class TritonServer:
             self.slots[0].source, self.slots[0].version = source, self.served_version
             for slot in self.slots[1:]:
                 slot.source, slot.version = self._resolve_allowed(slot.given)
+            if len(self.slots) > 1:  # clients (the web UI) learn each one's defaults before it ever loads
+                for slot in self.slots:
+                    slot.defaults = self._registered_defaults(slot)
             self._base_params = {"tracking_uri": self.tracking_uri or "", "stop_file": str(self.stop_file),
                                  "shm_prefix": self.shm_prefix, "admission_dir": str(self.admission_dir),
                                  "cancel_dir": str(self.cancel_dir), **self.parameters}
@@ -582,6 +586,30 @@ class TritonServer:
         if refusal:
             raise TritonLaunchError(f"allowed model {given} (version {version}) is not served: {refusal}")
         return f"models:/{m['name']}/{version}", version
+
+    def _registered_defaults(self, slot: ServedModel) -> dict[str, Any] | None:
+        """A source's generate defaults as the model will resolve them (best effort: None when unknown)."""
+        from .request import merge_defaults
+
+        try:
+            if slot.source == "tiny":
+                from easyanimate.config import load_config
+
+                raw = dict(vars(load_config("tiny").generate))
+            elif _MODELS_URI.match(slot.source):
+                from mlflow.tracking import MlflowClient
+
+                from .triton_model import registered_defaults
+
+                m = _MODELS_URI.match(slot.source)
+                client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                raw = registered_defaults(client, m["name"], m["version"])
+            else:
+                raw = {}
+            return {k: v for k, v in merge_defaults(raw).items() if k != "lora"}
+        except Exception as exc:  # the registry briefly unreachable: the model publishes them when it loads
+            logger.warning("generate defaults of %s unknown until it loads: %s", slot.public, exc)
+            return None
 
     def _stage(self, slot: ServedModel) -> None:
         """(Re)write the slot's Triton models in the staged repository (a later explicit load reads them)."""
@@ -853,9 +881,22 @@ class TritonServer:
     def _load_slot(self, slot: ServedModel) -> None:
         """Explicitly load a source's Triton models from the staged repository (called under ``_lock``)."""
         started = time.monotonic()
+        answers: dict[str, tuple[int, str]] = {}
+
+        def load(model: str) -> None:
+            try:
+                answers[model] = self._request("POST", f"/v2/repository/models/{model}{slot.suffix}/load", {},
+                                               timeout=self.startup_timeout)
+            except OSError as exc:
+                answers[model] = (0, str(exc))
+
+        loaders = [threading.Thread(target=load, args=(m,), daemon=True) for m in self.models]
+        for t in loaders:  # the unary and the streaming model load side by side, as at start
+            t.start()
+        for t in loaders:
+            t.join()
         for model in self.models:
-            status, body = self._request("POST", f"/v2/repository/models/{model}{slot.suffix}/load", {},
-                                         timeout=self.startup_timeout)
+            status, body = answers.get(model, (0, "no answer"))
             if status != 200:
                 for other in self.models:
                     self._request("POST", f"/v2/repository/models/{other}{slot.suffix}/unload", {}, timeout=60)
@@ -888,16 +929,16 @@ class TritonServer:
         ``model_versions`` and ``generate_defaults`` (JSON objects by allowed model; defaults of the sources loaded
         since start), ``lora_enabled``."""
         with self._slots_cond:
-            slots = [(s.public, s.version, s.loaded, s.suffix) for s in self.slots]
+            slots = [(s.public, s.version, s.loaded, s.suffix, s.defaults) for s in self.slots]
         defaults = {}
-        for public, _version, _loaded, suffix in slots:
+        for public, _version, _loaded, suffix, registered in slots:
             path = (self.admission_dir / f"{self.models[0]}{suffix}.json") if self.admission_dir else None
-            try:
-                defaults[public] = json.loads(path.read_text()).get("generate") if path else None
+            try:  # what the model resolved when it loaded, else what its registration says
+                defaults[public] = json.loads(path.read_text()).get("generate") if path else registered
             except (OSError, ValueError):
-                defaults[public] = None
+                defaults[public] = registered
         return {"default_model": slots[0][0], "allowed_models": json.dumps([p for p, *_ in slots]),
-                "loaded_models": json.dumps([p for p, _v, loaded, _s in slots if loaded]),
+                "loaded_models": json.dumps([p for p, _v, loaded, *_ in slots if loaded]),
                 "max_loaded": str(self.max_loaded),
                 "model_versions": json.dumps({p: v for p, v, *_ in slots}),
                 "generate_defaults": json.dumps({k: v for k, v in defaults.items() if v}),

@@ -131,10 +131,21 @@ def _folder_digest(folder: Path) -> str | None:
     return manifest_digest(weights_manifest(folder)) if size <= _HASH_LIMIT else None
 
 
-def _registered(source: str, tracking_uri: str | None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """``models:/NAME@ALIAS|VERSION`` → (local pipeline folder, model info, the version's generate defaults)."""
+def registered_defaults(client, name: str, version: str) -> dict[str, Any]:
+    """A registered version's generate defaults: its pyfunc's ``model_config`` (in the MLmodel file)."""
     import mlflow
     import yaml
+
+    root = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp,
+                                                      tracking_uri=client.tracking_uri)
+        flavor = (yaml.safe_load(Path(mlmodel).read_text()).get("flavors") or {}).get("python_function") or {}
+    return dict(flavor.get("config") or {})
+
+
+def _registered(source: str, tracking_uri: str | None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """``models:/NAME@ALIAS|VERSION`` → (local pipeline folder, model info, the version's generate defaults)."""
     from mlflow.tracking import MlflowClient
 
     from .registry import download_pipeline
@@ -153,13 +164,7 @@ def _registered(source: str, tracking_uri: str | None) -> tuple[Path, dict[str, 
             raise ValueError(f"{source} points at version {mv.version}, which is not served: {refusal}")
     pinned = f"models:/{mv.name}/{mv.version}"  # the alias may move while we download: load what we resolved
     folder = download_pipeline(pinned, tracking_uri)
-    defaults: dict[str, Any] = {}
-    root = client.get_model_version_download_uri(mv.name, mv.version).rstrip("/")
-    with tempfile.TemporaryDirectory() as tmp:  # the pyfunc's model_config holds the version's generate defaults
-        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp,
-                                                      tracking_uri=client.tracking_uri)
-        flavor = (yaml.safe_load(Path(mlmodel).read_text()).get("flavors") or {}).get("python_function") or {}
-        defaults = dict(flavor.get("config") or {})
+    defaults = registered_defaults(client, mv.name, mv.version)
     info = {"name": mv.name, "version": str(mv.version), "source": pinned,
             "alias": m["alias"], "weights_sha256": (mv.tags or {}).get("weights_sha256"),
             "run_id": mv.run_id, "git_commit": (mv.tags or {}).get("git_commit")}
@@ -664,4 +669,4 @@ class TritonPythonModel:
 
 
 __all__ = ["Cancelled", "LoadedModel", "OUTCOMES", "ServingMetrics", "TritonPythonModel", "generate", "load_model",
-           "parameters_of"]
+           "parameters_of", "registered_defaults"]

@@ -117,9 +117,49 @@ class ServerInfo:
     def supports_lora(self) -> bool:
         return "LORA" in self.inputs
 
+    def _json(self, key: str, empty):
+        try:
+            value = json.loads(self.parameters.get(key) or "null")
+        except ValueError:
+            return empty
+        return value if isinstance(value, type(empty)) else empty
+
+    @property
+    def allowed(self) -> list[str]:
+        """The models a request may name in MODEL (``serve --model`` first, then ``--allow-models``)."""
+        return [str(m) for m in self._json("allowed_models", [])]
+
+    @property
+    def loaded(self) -> list[str]:
+        return [str(m) for m in self._json("loaded_models", [])]
+
+    @property
+    def default_model(self) -> str:
+        return self.parameters.get("default_model") or (self.allowed[0] if self.allowed else "")
+
+    def defaults(self, model: str | None = None) -> dict[str, Any]:
+        """The generate defaults of an allowed model (``SERVED``/None: the default) as the page's controls take
+        them; V2's where the server does not publish them (yet: a model publishes its own when it loads)."""
+        published = self._json("generate_defaults", {})
+        name = self.default_model if model in (None, "", SERVED) else model
+        mine = published.get(name) or {}
+        out = dict(V2_DEFAULTS)
+        out.update({k: mine[k] for k in ("sampler", "steps", "width", "height", "num_frames", "guidance", "seed",
+                                         "fps", "accel") if mine.get(k) is not None})
+        return out
+
     def describe(self) -> str:
         if self.error and not self.url:
             return f"Served model: unknown ({self.error})"
+        if self.allowed:
+            text = f"Served model: `{self.default_model}` (default) at `{self.url}`"
+            others = [m for m in self.allowed if m != self.default_model]
+            if others:
+                limit = self.parameters.get("max_loaded") or "1"
+                text += (f"; this server also serves {', '.join(f'`{m}`' for m in others)} — loaded now: "
+                         f"{', '.join(f'`{m}`' for m in self.loaded) or 'none'}; at most {limit} loaded at once, "
+                         "another one loads when chosen (its first answer waits for the load)")
+            return text
         source = self.parameters.get("model_alias") or self.parameters.get("model_source") or "?"
         text = f"Served model: `{source}` at `{self.url}`"
         if self.parameters.get("model_alias") and self.parameters.get("model_source"):
@@ -333,7 +373,7 @@ def run_request(server: str, inputs: dict[str, np.ndarray], on_progress: Callabl
 
 def _served_text(metadata: dict[str, Any]) -> str:
     model = metadata.get("model") or {}
-    text = f"Served model: `{model.get('alias_uri') or model.get('source', '?')}`"
+    text = f"Answered by `{model.get('served_as') or model.get('alias_uri') or model.get('source', '?')}`"
     if model.get("version"):
         text += f" — {model.get('name', '')} version `{model['version']}`"
     if model.get("weights_sha256"):
@@ -378,6 +418,8 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
     def lora_note(info: ServerInfo) -> str:
         if info.supports_lora:
             server_dir = info.parameters.get("lora_dir", "")
+            if info.parameters.get("lora_enabled") == "true":  # the front's public config: no server paths
+                server_dir = "(the server's --lora-dir)"
             if info.parameters and not server_dir:
                 return (f"LoRA files from `{lora_dir}`. The server applies a LoRA by file name, but it has **no LoRA "
                         "folder** (start it with `--lora-dir`): choosing one gives an error.")
@@ -393,9 +435,19 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
         if not info.supports_model_choice:
             text += (". The server serves one model: the selection below is recorded but not sent; start the server "
                      "with `easyanimate serve --model <choice>` to serve another.")
+        elif len(info.allowed) > 1:
+            text += ". Registered versions the server does not allow are refused with the list it allows."
         return text + (f" ({note})" if note else "")
 
-    choices, reg_note = model_choices(mlflow_uri) if mlflow_uri else ([SERVED], "")
+    def choices_for(info: ServerInfo) -> tuple[list[str], str]:
+        """The model dropdown: the server's allowed models first, then the registry's other versions/aliases."""
+        registered, note = model_choices(mlflow_uri) if mlflow_uri else ([SERVED], "")
+        ordered = [SERVED, *info.allowed]
+        return ordered + [m for m in registered if m not in ordered], note
+
+    first_info = info_box["info"]
+    choices, reg_note = choices_for(first_info)
+    start = first_info.defaults()  # the served default's generate defaults (V2's when it publishes none)
 
     with gr.Blocks(title="EasyAnimate V2 (Triton)") as demo:
         gr.Markdown("# EasyAnimate V2 — text to video\nGenerated by the Triton server at "
@@ -405,9 +457,11 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
             with gr.Row():
                 edition = gr.Dropdown(label="Edition", choices=list(EDITIONS), value="v2", interactive=True,
                                       info="v1 (512×512, motion module) is not served", elem_id="edition", scale=1)
-                if mlflow_uri:
-                    model = gr.Dropdown(label="Pretrained model (MLflow registry)", choices=choices, value=SERVED,
-                                        interactive=True, elem_id="model", scale=3)
+                if mlflow_uri or first_info.allowed:
+                    label = "Pretrained model (allowed by the server" + (", then the MLflow registry)" if mlflow_uri
+                                                                          else ")")
+                    model = gr.Dropdown(label=label, choices=choices, value=SERVED, interactive=True,
+                                        elem_id="model", scale=3)
                 else:
                     model = gr.Textbox(label="Pretrained model (local folder)", value="",
                                        placeholder="served model; a pipeline folder is recorded, not sent",
@@ -434,23 +488,27 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
                 with gr.Column():
                     with gr.Row():
                         sampler = gr.Dropdown(label="Sampling method", choices=list(SAMPLERS),
-                                              value=V2_DEFAULTS["sampler"], elem_id="sampler")
-                        steps = gr.Slider(label="Sampling steps", value=V2_DEFAULTS["steps"], minimum=1, maximum=100,
+                                              value=_sampler_choice(start["sampler"]), elem_id="sampler")
+                        steps = gr.Slider(label="Sampling steps", value=start["steps"], minimum=1, maximum=100,
                                           step=1, elem_id="steps")
-                    width = gr.Slider(label="Width", value=V2_DEFAULTS["width"], minimum=16, maximum=1280, step=16,
+                    width = gr.Slider(label="Width", value=start["width"], minimum=16, maximum=1280, step=16,
                                       elem_id="width")
-                    height = gr.Slider(label="Height", value=V2_DEFAULTS["height"], minimum=16, maximum=1280,
+                    height = gr.Slider(label="Height", value=start["height"], minimum=16, maximum=1280,
                                        step=16, elem_id="height")
                     with gr.Row():
-                        is_image = gr.Checkbox(label="Generate Image", value=False, elem_id="generate-image")
-                        length = gr.Slider(label="Animation length", value=V2_DEFAULTS["num_frames"], minimum=9,
-                                           maximum=144, step=9, elem_id="length")
-                    cfg = gr.Slider(label="CFG Scale", value=V2_DEFAULTS["guidance"], minimum=0, maximum=20,
+                        is_image = gr.Checkbox(label="Generate Image", value=start["num_frames"] == 1,
+                                               elem_id="generate-image")
+                        length = gr.Slider(label="Animation length", minimum=9, maximum=144, step=9,
+                                           value=max(9, start["num_frames"]), elem_id="length",
+                                           interactive=start["num_frames"] != 1)
+                    cfg = gr.Slider(label="CFG Scale", value=start["guidance"], minimum=0, maximum=20,
                                     step=0.1, elem_id="cfg")
-                    accel = gr.Dropdown(label="Speed (step caching; exact = bit-identical)", choices=ACCEL_CHOICES,
-                                        value="default", allow_custom_value=True, elem_id="accel")
+                    accel = gr.Dropdown(label="Speed (step caching; exact = bit-identical)",
+                                        choices=_with(ACCEL_CHOICES, start.get("accel")),
+                                        value=start.get("accel") or "default", allow_custom_value=True,
+                                        elem_id="accel")
                     with gr.Row():
-                        seed = gr.Number(label="Seed", value=V2_DEFAULTS["seed"], precision=0, minimum=0,
+                        seed = gr.Number(label="Seed", value=start["seed"], precision=0, minimum=0,
                                          elem_id="seed", scale=3)
                         dice = gr.Button("⚄", scale=0, min_width=50, elem_id="seed-dice")
                     with gr.Row():
@@ -471,8 +529,8 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
 
         def on_refresh():
             info_box["info"] = info = server_info(server)
-            if mlflow_uri:
-                new_choices, note = model_choices(mlflow_uri)
+            if mlflow_uri or info.allowed:
+                new_choices, note = choices_for(info)
                 model_update = gr.update(choices=new_choices)
             else:
                 note, model_update = "", gr.update()
@@ -484,6 +542,23 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
         is_image.change(lambda img: gr.update(interactive=not img), inputs=is_image, outputs=length, queue=False)
         # the slider follows the edition's frame rule (v2: 9k; v3 slice VAE: 1 + 8k); the server still checks
         edition.change(lambda ed: gr.update(**length_slider(ed)), inputs=edition, outputs=length, queue=False)
+
+        def on_model(choice):
+            """A model chosen: the controls take its generate defaults (what the server published for it)."""
+            info = info_box["info"]
+            if choice not in (SERVED, *info.allowed):  # a registered version this server does not serve
+                return (gr.update(),) * 8
+            if info.allowed and choice not in info.parameters.get("generate_defaults", ""):
+                info_box["info"] = info = server_info(server)  # loaded since the page was built: ask again
+            d = info.defaults(choice)
+            return (gr.update(value=_sampler_choice(d["sampler"])), gr.update(value=d["steps"]),
+                    gr.update(value=d["width"]), gr.update(value=d["height"]),
+                    gr.update(value=d["num_frames"] == 1), gr.update(value=max(9, d["num_frames"]),
+                                                                     interactive=d["num_frames"] != 1),
+                    gr.update(value=d["guidance"]), gr.update(value=d.get("accel") or "default"))
+
+        model.change(on_model, inputs=model, outputs=[sampler, steps, width, height, is_image, length, cfg, accel],
+                     queue=False)
 
         def on_generate(edition_v, model_v, lora_v, alpha_v, prompt_v, negative_v, sampler_v, steps_v, width_v,
                         height_v, is_image_v, length_v, cfg_v, seed_v, accel_v, progress=gr.Progress()):
@@ -499,7 +574,8 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
                       "prompt": prompt_v, "negative_prompt": negative_v or "", "sampler": sampler_v,
                       "steps": int(steps_v), "width": int(width_v), "height": int(height_v),
                       "num_frames": 1 if is_image_v else int(length_v), "guidance": float(cfg_v),
-                      "seed": int(seed_v if seed_v is not None else V2_DEFAULTS["seed"]), "fps": V2_DEFAULTS["fps"],
+                      "seed": int(seed_v if seed_v is not None else V2_DEFAULTS["seed"]),
+                      "fps": info_box["info"].defaults(model_v)["fps"],
                       "accel": str(accel_v or "default").strip()}
             info = info_box["info"]
             if info.error and not info.url:  # the server was down at start: ask again
@@ -551,6 +627,21 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
         cancel_btn.click(lambda: "Cancelled.", outputs=status, cancels=[generation], queue=False)
     demo.samples_dir = samples_dir  # for launch(): allowed_paths
     return demo
+
+
+def _sampler_choice(name: str) -> str:
+    """A defaults' sampler spelled as the dropdown lists it (``dpm++`` → ``DPM++``)."""
+    from easyanimate.schedulers import SAMPLERS, canonical_sampler
+
+    try:
+        name = canonical_sampler(name)
+    except ValueError:
+        return V2_DEFAULTS["sampler"]
+    return name if name in SAMPLERS else V2_DEFAULTS["sampler"]
+
+
+def _with(choices: list[str], extra: str | None) -> list[str]:
+    return choices if not extra or extra in choices else [*choices, extra]
 
 
 def _escape(text: str) -> str:

@@ -165,12 +165,12 @@ def _cli(capsys, argv) -> tuple[int, list[str], str]:
 def test_cli_generate_model_version(endpoint, versions, tmp_path, capsys):
     server = f"grpc://{endpoint.grpc_url}"
     out = tmp_path / "v.mp4"
-    code, err, stdout = _cli(capsys, ["generate", "--server", server, "--model-version", versions[0], "--prompt",
+    code, err, stdout = _cli(capsys, ["generate", "--server", server, "--model-version", "champion", "--prompt",
                                       "a cat", "--frames", "9", "--height", "32", "--width", "32", "--steps", "1",
                                       "--out", str(out)])
     assert code == 0, err
     info = json.loads(stdout.strip().splitlines()[-1])
-    assert info["model"]["version"] == versions[0] and read_video(out).shape == (9, 32, 32, 3)
+    assert info["model"]["version"] == versions[1] and read_video(out).shape == (9, 32, 32, 3)
     for bad, expected in (("models:/", "expected a version number (3), an alias (champion) or models:/NAME/VERSION"),
                           ("a/b", "got 'a/b'"),
                           ("7", f"MODEL '7' is not served here: allowed models:/{NAME}/{versions[0]} (default)")):
@@ -224,23 +224,28 @@ def test_the_web_ui_switches_between_the_allowed_models(ui, versions, endpoint):
             assert page.locator("#steps input[type=number]").input_value() == "2"
             assert page.locator("#width input[type=number]").input_value() == "48"
             page.locator("#model input").click()  # allowed models first, then the registry's other versions
-            options = page.get_by_role("option").all_inner_texts()
+            options = [o.replace("✓", "").strip() for o in page.get_by_role("option").all_inner_texts()]
             assert options[:3] == ["(as served)", f"models:/{NAME}/{v1}", f"models:/{NAME}@champion"], options
             assert f"models:/{NAME}/{v3}" in options
-            page.keyboard.press("Escape")
+            page.locator("#prompt textarea").click()  # closes the list
             answered = []
             for choice, version, steps in ((f"models:/{NAME}@champion", v2, "3"), (f"models:/{NAME}/{v1}", v1, "2")):
                 page.locator("#model input").click()
                 page.get_by_role("option", name=choice, exact=True).click()
                 page.wait_for_function(f"document.querySelector('#steps input[type=number]').value === '{steps}'")
                 page.locator("#prompt textarea").fill("a red kite over a green hill")
-                page.locator("#status-box").evaluate("e => e.innerText = ''")
+                count = len(_all_logs(ui["samples"]))
                 page.locator("#generate").click()
-                status = _wait_status(page, timeout=150)
-                assert "Saved" in status, status
-                served = page.locator("#served-model").inner_text()
-                assert f"version `{version}`" in served, served
-                answered.append(_all_logs(ui["samples"])[-1])
+                expected = f"Answered by {choice} — {NAME} version {version},"  # which version answered
+                try:
+                    page.wait_for_function("t => document.querySelector('#served-model').innerText.includes(t)",
+                                           arg=expected, timeout=150_000)
+                except PlaywrightTimeout:
+                    raise AssertionError(f"{expected!r} not shown; status: {_wait_status(page, 1)!r}") from None
+                assert "Saved" in _wait_status(page)
+                logs = _all_logs(ui["samples"])
+                assert len(logs) == count + 1
+                answered.append(logs[-1])
             assert [e["model"]["version"] for e in answered] == [v2, v1]
             assert [e["model_applied"] for e in answered] == [True, True]
             assert answered[0]["steps"] == 3 and answered[0]["width"] == 32  # each version's own defaults
