@@ -384,6 +384,9 @@ def _serve_docker(model: str, *, host: str, ports: tuple, tracking_uri: str | No
         if getattr(param, "is_flag", False):
             flag = param.opts[0] if value else (param.secondary_opts or [None])[0]
             args += [flag] if flag else []
+        elif isinstance(value, list | tuple):  # a repeatable option (--allow-models)
+            for item in value:
+                args += [param.opts[0], str(item)]
         else:
             args += [param.opts[0], str(value)]
     if lora_dir is not None:

@@ -27,6 +27,12 @@ Which layer stops what:
 - the supervisor (``serving/supervisor.py``): whatever still kills tritonserver (a bug we did not find, the OOM
   killer) → restart with back-off, logged with its cause.
 
+Several models (``serve --allow-models``): the ``MODEL`` input of a checked request is routed by the launcher
+(``Front.route``) to the Triton model of that allowed source, loaded on demand (a MODEL that is not allowed: 400 /
+INVALID_ARGUMENT naming the allowed values); health and metadata calls of a public model go to a loaded one; the
+model config (restricted on Triton: it holds server paths) is answered here as a public view whose ``parameters``
+list the allowed and loaded models and their generate defaults (``TritonServer.catalog``).
+
 Every refusal is counted by reason in ``Front.refused`` (the fuzzer reads it) and answered in KServe's error shape
 (``{"error": "..."}``); the message names the input and what was expected and what came.
 """

@@ -16,6 +16,15 @@ container's ``/opt/tritonserver/bin/tritonserver``) on a temporary copy of ``ser
 - stop: SIGINT (Triton drains in-flight requests for ``exit_timeout`` s), then SIGKILL of the whole process group
   (server + stubs), then the shared-memory segments and the temp folder.
 
+Several models (``allow_models``, ``serve --allow-models``): every allowed source gets its own Triton models in the
+staged repository (``easyanimate__1``, ``easyanimate_stream__1``, …; the default keeps the plain names), and only the
+default is loaded at start. A request names one in its ``MODEL`` input; the front (``serving/front.py``) calls
+``route``, which loads that source through the repository API when it is not loaded — after unloading the least
+recently used ones beyond ``max_loaded`` (each waits for the requests routed to it) — and forwards the request to its
+Triton model. Chosen over one model whose instances hold an LRU of pipelines because Triton then does the loading,
+the unloading (its memory goes back to the OS with the stub process), readiness, metrics and the repository index per
+version, and a version that fails to load fails alone. Every allowed registry version must pass its gates.
+
 The watcher (``watch_alias=True``) polls the MLflow alias every ``poll_interval`` s and loads the new version when it
 moves (the old version serves until the new one is ready); it also reloads a model whose stub process died (Triton
 keeps reporting such a model READY and answers "Stub process is not healthy") or that is not ready while the server is
@@ -580,9 +589,13 @@ class TritonServer:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        version = str(client.get_model_version_by_alias(m["name"], m["alias"]).version if m["alias"]
-                      else client.get_model_version(m["name"], m["version"]).version)
-        refusal = self._gate_refusal(version, m["name"])
+        try:
+            version = str(client.get_model_version_by_alias(m["name"], m["alias"]).version if m["alias"]
+                          else client.get_model_version(m["name"], m["version"]).version)
+            refusal = self._gate_refusal(version, m["name"])
+        except Exception as exc:  # not registered, registry unreachable: one line, not a traceback
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise TritonLaunchError(f"allowed model {given}: not found in the registry ({first})") from None
         if refusal:
             raise TritonLaunchError(f"allowed model {given} (version {version}) is not served: {refusal}")
         return f"models:/{m['name']}/{version}", version

@@ -15,8 +15,12 @@ NAME, never a path) + ``LORA_ALPHA`` when the served model declares them (``serv
 resolves the name in its own LoRA folder (``easyanimate serve --lora-dir``), merges it for that request and unmerges
 it after, like V2's UI; its METADATA records ``lora`` / ``lora_alpha`` and ``logs.json`` ``lora_applied: true``. A
 server whose model has no ``LORA`` input gets no LoRA: the page says it is not applied (``lora_applied: false``).
-The schema has no ``MODEL`` input, so the model choice is recorded and the page says which model the server serves
-(its config parameters, then each answer's METADATA).
+The model dropdown lists the models the server allows (``easyanimate serve --model A --allow-models B``: the public
+model config that ``serve``'s front answers names them, which are loaded and their generate defaults), then the
+MLflow registry's other versions and aliases (``--mlflow-uri``). The choice is sent as ``MODEL`` (the front loads
+that version on demand); each answer's METADATA says which version answered, and the page shows it. The controls
+(sampler, steps, size, length, CFG, speed) start from the served default's generate defaults and follow the chosen
+model's; V2's UI values only where a server publishes none (a bare tritonserver without the front).
 
 Requests are checked by the server only: its message (e.g. ``WIDTH must be a multiple of 16 between 16 and 1280,
 got 72``) is shown on the page in the status box and as a toast, never a stack trace.
@@ -418,12 +422,12 @@ def build_ui(server: str, *, mlflow_uri: str | None = None, samples_dir: str | o
     def lora_note(info: ServerInfo) -> str:
         if info.supports_lora:
             server_dir = info.parameters.get("lora_dir", "")
-            if info.parameters.get("lora_enabled") == "true":  # the front's public config: no server paths
-                server_dir = "(the server's --lora-dir)"
-            if info.parameters and not server_dir:
+            enabled = info.parameters.get("lora_enabled")  # the front's public config (no server paths in it)
+            if (info.parameters and not server_dir and enabled != "true") or enabled == "false":
                 return (f"LoRA files from `{lora_dir}`. The server applies a LoRA by file name, but it has **no LoRA "
                         "folder** (start it with `--lora-dir`): choosing one gives an error.")
-            where = f" (server folder `{server_dir}`)" if server_dir else ""
+            where = f" (server folder `{server_dir}`)" if server_dir else (" from its own `--lora-dir`" if enabled
+                                                                           else "")
             return (f"LoRA files from `{lora_dir}`; the chosen file's name is sent and the server applies it with "
                     f"LoRA alpha{where} — it must hold a file of that name.")
         return (f"LoRA files from `{lora_dir}`. **This server's model takes no LoRA input: a chosen LoRA is not "

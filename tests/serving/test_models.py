@@ -51,13 +51,23 @@ def versions(mlflow_server, tiny_pipeline_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def endpoint(mlflow_server, versions, tmp_path_factory):
+def lora_dir(tmp_path_factory):
+    from tests.serving.test_triton_lora import _write_official_lora
+
+    folder = tmp_path_factory.mktemp("lora")
+    _write_official_lora(folder / "style.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def endpoint(mlflow_server, versions, lora_dir, tmp_path_factory):
     from serving.launch import TritonServer
     from serving.supervisor import Endpoint
 
     tmp = tmp_path_factory.mktemp("models_endpoint")
     server = TritonServer(f"models:/{NAME}/{versions[0]}", allow_models=[f"models:/{NAME}@champion"], max_loaded=1,
                           tracking_uri=mlflow_server, exit_timeout=5, parameters={"torch_threads": "1"},
+                          lora_dir=lora_dir,
                           env={"EASYANIMATE_MODEL_CACHE": str(tmp / "cache")}, log=str(tmp / "tritonserver.log"))
     with Endpoint(server, backoff=(0.5,)) as ep:
         yield ep
@@ -188,13 +198,13 @@ def test_cli_generate_model_version(endpoint, versions, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def ui(endpoint, mlflow_server, tmp_path_factory):
+def ui(endpoint, mlflow_server, lora_dir, tmp_path_factory):
     from serving import webui
     from serving.launch import free_port
 
     root = tmp_path_factory.mktemp("webui_models")
     demo, url = webui.launch(f"grpc://{endpoint.grpc_url}", port=free_port(), samples_dir=root / "samples",
-                             mlflow_uri=mlflow_server, block=False, timeout=180)
+                             mlflow_uri=mlflow_server, lora_dir=lora_dir, block=False, timeout=180)
     try:
         yield {"url": url, "samples": root / "samples"}
     finally:
@@ -234,6 +244,9 @@ def test_the_web_ui_switches_between_the_allowed_models(ui, versions, endpoint):
                 page.get_by_role("option", name=choice, exact=True).click()
                 page.wait_for_function(f"document.querySelector('#steps input[type=number]').value === '{steps}'")
                 page.locator("#prompt textarea").fill("a red kite over a green hill")
+                if version == v1:  # and a LoRA from the server's folder, applied by the server for this request
+                    page.locator("#lora input").click()
+                    page.get_by_role("option", name="style.safetensors").click()
                 count = len(_all_logs(ui["samples"]))
                 page.locator("#generate").click()
                 expected = f"Answered by {choice} — {NAME} version {version},"  # which version answered
@@ -250,6 +263,8 @@ def test_the_web_ui_switches_between_the_allowed_models(ui, versions, endpoint):
             assert [e["model_applied"] for e in answered] == [True, True]
             assert answered[0]["steps"] == 3 and answered[0]["width"] == 32  # each version's own defaults
             assert answered[0]["model"]["served_as"] == f"models:/{NAME}@champion"
+            assert answered[1]["served_parameters"]["lora"] == "style.safetensors" and answered[1]["lora_applied"]
+            assert "LoRA style.safetensors applied by the server" in page.locator("#status-box").inner_text()
             page.wait_for_selector("#result-video video")
             with contextlib.suppress(PlaywrightTimeout):
                 page.wait_for_function("[...document.querySelectorAll('video')].every(v => v.readyState >= 2)",
