@@ -207,6 +207,7 @@ class VAETrainConfig:
     """VAE training (V2's MagViT recipe: L1 + L2 + KL + perceptual + hinge GAN with 2D and 3D discriminators)."""
 
     init_from: str = ""  # a VAE folder (or pipeline folder) to start from; empty = the model.vae shapes, random
+    max_steps: int = 0  # optimizer steps of the VAE run; 0 = train.max_steps (the DiT's)
     learning_rate: float = 1e-4
     adam_beta1: float = 0.5  # V2: Adam(0.5, 0.9) for autoencoder and discriminators
     adam_beta2: float = 0.9
@@ -542,7 +543,7 @@ RANGES = {
     "train.max_grad_norm": ">=0", "train.gradient_accumulation_steps": ">=1", "train.ema_decay": "0..1",
     "train.checkpointing_steps": ">=0", "train.checkpoints_total_limit": ">=0", "train.validation_steps": ">=0",
     "train.log_every": ">=1", "train.lora_rank": ">=1", "train.lora_learning_rate": ">0", "train.sample_steps": ">=1",
-    "train.vae.learning_rate": ">0", "train.vae.num_frames": ">=1",
+    "train.vae.learning_rate": ">0", "train.vae.num_frames": ">=1", "train.vae.max_steps": ">=0",
     "generate.num_frames": ">=1", "generate.height": ">=1", "generate.width": ">=1", "generate.steps": ">=1",
     "generate.guidance_scale": ">=0", "generate.fps": ">=1",
     "data.sample_size": ">=1", "data.num_frames": ">=1", "data.stride": ">=1", "data.video_repeat": ">=1",

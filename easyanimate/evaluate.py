@@ -17,6 +17,12 @@
    optical-flow magnitude, pixels per frame at the sample size; the preprocessing motion filter's measure), means over
    prompts; ``output/samples/prompt-<k>.mp4`` (+ ``prompts.json``) and ``output/contact_sheet.png`` (rows = prompts,
    columns = evenly spaced frames);
+   for the prompts that are captions of training clips (the demo preset lists them): ``similarity_*`` — how much
+   each generated video looks like its caption's clip against every other clip of ``data`` (cosine of
+   :func:`scene_features`, the time-averaged frame as an 8×8 colour thumbnail; ``similarity_rank1_frac`` = share of
+   those prompts whose own clip ranks first) — and ``accel_psnr`` (the same prompts rendered with ``accel=default``
+   against exact); ``output/similarity.csv`` (prompt × clip) and ``output/side_by_side/prompt-<k>.png`` (training
+   clip | generated, exact | generated, accelerated, labelled);
 6. optional: ``clip_score`` (CLIPScore, ``100 · max(cos(image, text), 0)`` averaged over frames then prompts) with the
    local transformers CLIP folder ``evaluate.clip_model``; ``fvd`` (Fréchet distance of I3D features of generated vs
    held-out clips) with the local TorchScript network ``evaluate.fvd_model``. Nothing is ever downloaded;
@@ -32,6 +38,8 @@ Without ``data`` (and no ``data.meta``) steps 2-4 are skipped: only generated-sa
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import io
 import json
 import logging
@@ -326,16 +334,208 @@ def dit_validation_loss(pipe, clips: Sequence[dict], latents, cfg: Config, devic
 
 
 @torch.no_grad()
-def generate_samples(pipe, cfg: Config) -> list[np.ndarray]:
-    """One video per ``evaluate.prompts`` entry (prompt ``k`` seeded ``evaluate.seed + k``) → uint8 ``(F, H, W, 3)``."""
+def generate_samples(pipe, cfg: Config, *, accel: str | None = None, only: Sequence[int] | None = None
+                     ) -> list[np.ndarray]:
+    """One video per ``evaluate.prompts`` entry (prompt ``k`` seeded ``evaluate.seed + k``) → uint8 ``(F, H, W, 3)``.
+
+    ``accel``: the acceleration setting (``easyanimate.accel``; None = the pipeline's, exact unless set); ``only``:
+    the prompt indices to render (default: all), each still seeded by its own index."""
     e = cfg.evaluate
     videos = []
-    for k, prompt in enumerate(e.prompts):
-        out = pipe(prompt, negative_prompt=cfg.generate.negative_prompt, num_frames=e.num_frames, height=e.height,
-                   width=e.width, num_inference_steps=e.steps, guidance_scale=e.guidance_scale,
-                   generator=torch.Generator("cpu").manual_seed(e.seed + k), show_progress=False)
+    for k in (range(len(e.prompts)) if only is None else only):
+        out = pipe(e.prompts[k], negative_prompt=cfg.generate.negative_prompt, num_frames=e.num_frames,
+                   height=e.height, width=e.width, num_inference_steps=e.steps, guidance_scale=e.guidance_scale,
+                   generator=torch.Generator("cpu").manual_seed(e.seed + k), show_progress=False, accel=accel)
         videos.append(to_uint8_frames(out.videos[0]))
     return videos
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# does generation show what the model was trained on? (generated video vs its caption's clip; exact vs accelerated)
+
+SIMILARITY_GRID = 8  # scene features: the time-averaged frame shrunk to this many pixels a side
+SIMILARITY_FILE = "similarity.csv"
+SIDE_BY_SIDE_DIR = "side_by_side"
+SHEET_SCALE = 2  # side-by-side tiles are enlarged (nearest) by this factor
+SHEET_LABEL_WIDTH = 150  # pixels of the label column
+
+
+def scene_features(frames, grid: int = SIMILARITY_GRID) -> np.ndarray:
+    """A video's colour-and-layout signature: the mean of its frames (uint8 ``(F, H, W, 3)``, or anything
+    :func:`easyanimate.video.to_uint8_frames` takes) shrunk to ``grid × grid`` by area averaging, as one vector of
+    ``grid² · 3`` RGB values minus their own mean, scaled to unit length.
+
+    The cosine of two such vectors (:func:`similarity_matrix`) is the Pearson correlation of the two thumbnails: what
+    counts is where which colour sits; overall brightness and contrast do not, nor does motion (the frames are
+    averaged, so an image and a clip of the same scene compare directly). A flat frame gives the zero vector."""
+    import cv2
+
+    mean = to_uint8_frames(frames).astype(np.float32).mean(axis=0)
+    thumb = cv2.resize(mean, (grid, grid), interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+    thumb -= thumb.mean()
+    norm = float(np.linalg.norm(thumb))
+    return thumb / norm if norm > 1e-9 else np.zeros_like(thumb)
+
+
+def similarity_matrix(videos: Sequence[np.ndarray], clips: Sequence[np.ndarray]) -> np.ndarray:
+    """Cosine similarity of :func:`scene_features`, ``(len(videos), len(clips))``, each in [-1, 1]."""
+    a = np.stack([scene_features(v) for v in videos])
+    b = np.stack([scene_features(c) for c in clips])
+    return a @ b.T
+
+
+def own_clip_ranks(sim: np.ndarray, own: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
+    """Per row of ``sim`` (a generated video): its similarity to its own clips (``own[i]``: the columns whose caption
+    is the video's prompt; the best of them counts) against the best of every other column.
+
+    Returns one dict per row: ``own`` (best own similarity), ``own_index``, ``other`` (best other), ``other_index``,
+    ``rank`` (1 + how many other clips score higher than the best own one; 1 = its own clip looks most alike)."""
+    rows = []
+    for i, cols in enumerate(own):
+        cols = sorted(set(int(c) for c in cols))
+        if not cols:
+            raise ValueError(f"own_clip_ranks: row {i} has no own clip; expected at least one column index")
+        others = [c for c in range(sim.shape[1]) if c not in cols]
+        best = max(cols, key=lambda c: sim[i, c])
+        rival = max(others, key=lambda c: sim[i, c]) if others else None
+        rows.append({"own": float(sim[i, best]), "own_index": best,
+                     "other": float(sim[i, rival]) if rival is not None else float("nan"),
+                     "other_index": rival, "rank": 1 + sum(1 for c in others if sim[i, c] > sim[i, best])})
+    return rows
+
+
+def similarity_metrics(ranks: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``similarity_own`` (mean best own similarity), ``similarity_other`` (mean best other), ``similarity_margin``
+    (mean own − other), ``similarity_rank1_frac`` (share of prompts whose own clip ranks first), ``similarity_prompts``."""
+    if not ranks:
+        return {}
+    own = np.array([r["own"] for r in ranks])
+    other = np.array([r["other"] for r in ranks])
+    return {"similarity_own": float(own.mean()), "similarity_other": float(np.nanmean(other)),
+            "similarity_margin": float(np.nanmean(own - other)),
+            "similarity_rank1_frac": float(np.mean([r["rank"] == 1 for r in ranks])),
+            "similarity_prompts": float(len(ranks))}
+
+
+def caption_clips(cfg: Config, data: str | Path | None, frame_rule: tuple[int, int] | None = None
+                  ) -> list[dict[str, Any]]:
+    """Every entry of ``data`` (train and held-out) as the validation split reads it — deterministic: the longest
+    clip from the start of the middle 80 %, at the ``data`` section's size — with its caption and split:
+    ``[{"text", "file_path", "split": "train" | "validation", "frames": uint8 (F, H, W, 3)}]``. Empty without data,
+    and when no ``evaluate.prompts`` entry is a training caption (nothing is decoded then)."""
+    from .data.dataset import VideoTextDataset, split_train_validation, with_frame_rule
+    from .data.meta import load_meta
+
+    meta = data if data is not None else (cfg.data.meta or None)
+    if meta is None:
+        return []
+    dcfg = with_frame_rule(cfg.data, frame_rule) if frame_rule else cfg.data
+    dcfg = dataclasses.replace(dcfg, video_repeat=1)
+    entries = load_meta(meta, dcfg.root or None, dcfg.allow_absolute_paths)
+    train, val = split_train_validation(entries, dcfg.validation_count, dcfg.seed)
+    if not {str(e.get("text", "")).strip() for e in train} & {p.strip() for p in cfg.evaluate.prompts}:
+        return []
+    out = []
+    for split, part in (("train", train), ("validation", val)):
+        if not part:
+            continue
+        ds = VideoTextDataset(part, dcfg, root=dcfg.root or None, train=False)
+        for i, item in enumerate(ds.items):
+            out.append({"text": str(item["entry"].get("text", "")).strip(), "file_path": item["entry"]["file_path"],
+                        "split": split, "frames": to_uint8_frames(ds[i]["pixel_values"].add(1).div(2))})
+    return out
+
+
+def _fit(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 frames resized (area / linear) to ``height × width``."""
+    import cv2
+
+    if video.shape[1:3] == (height, width):
+        return video
+    inter = cv2.INTER_AREA if video.shape[1] >= height else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(f, (width, height), interpolation=inter) for f in video])
+
+
+def side_by_side(rows: Sequence[tuple[str, np.ndarray]], title: Sequence[str], columns: int = SHEET_COLUMNS,
+                 scale: int = SHEET_SCALE) -> np.ndarray:
+    """One labelled uint8 image: ``title`` lines on top, then a row per ``(label, video)`` (uint8 ``(F, H, W, 3)``;
+    resized to the first video's size) with the label on the left and ``min(columns, F)`` evenly spaced frames
+    (:func:`contact_sheet`), tiles enlarged ``scale`` times (nearest)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not rows:
+        raise ValueError("side_by_side needs at least one (label, video) row, got none")
+    h, w = rows[0][1].shape[1:3]
+    strips = [contact_sheet([_fit(v, h, w)], columns) for _, v in rows]
+    strips = [np.kron(s, np.ones((scale, scale, 1), dtype=np.uint8)) for s in strips]
+    font = ImageFont.load_default(size=13)
+    line = 18
+    top = line * len(title) + 6
+    width = SHEET_LABEL_WIDTH + max(s.shape[1] for s in strips) + 4
+    height = top + sum(s.shape[0] + 4 for s in strips)
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(title):
+        draw.text((4, 3 + i * line), text, fill="black", font=font)
+    y = top
+    for (label, _), strip in zip(rows, strips, strict=True):
+        for j, part in enumerate(label.split("\n")):
+            draw.text((4, y + 4 + j * line), part, fill="black", font=font)
+        sheet.paste(Image.fromarray(strip), (SHEET_LABEL_WIDTH, y))
+        y += strip.shape[0] + 4
+    return np.asarray(sheet)
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def frames_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of two uint8 videos of one shape (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def training_caption_report(cfg: Config, videos: Sequence[np.ndarray], fast: Sequence[np.ndarray],
+                            prompt_ids: Sequence[int], clips: Sequence[dict[str, Any]], output: Path
+                            ) -> tuple[dict[str, float], list[Path]]:
+    """For the prompts ``prompt_ids`` that are training captions: the similarity of each generated (exact) video to
+    every clip (:func:`own_clip_ranks`) → metrics (:func:`similarity_metrics`, plus ``accel_psnr``: exact vs
+    accelerated frames, mean dB), ``output/similarity.csv`` (one row per prompt × clip) and one side-by-side sheet
+    per prompt ``output/side_by_side/prompt-<k>.png`` (training clip | generated, exact | generated, accelerated).
+    ``videos``/``fast``: the exact/accelerated videos of ``prompt_ids``, in that order."""
+    e = cfg.evaluate
+    sim = similarity_matrix(videos, [c["frames"] for c in clips])
+    own = [[j for j, c in enumerate(clips) if c["text"] == e.prompts[k].strip()] for k in prompt_ids]
+    ranks = own_clip_ranks(sim, own)
+    metrics = similarity_metrics(ranks)
+    psnrs = [frames_psnr(a, b) for a, b in zip(videos, fast, strict=True)]
+    finite = [p for p in psnrs if math.isfinite(p)]
+    metrics["accel_psnr"] = float(np.mean(finite)) if finite else 100.0  # identical everywhere: capped at 100 dB
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["prompt_index", "prompt", "clip", "split", "similarity", "own_clip", "rank_of_own"])
+    for i, k in enumerate(prompt_ids):
+        writer.writerows([k, e.prompts[k], c["file_path"], c["split"], f"{sim[i, j]:.4f}", int(j in own[i]),
+                          ranks[i]["rank"]] for j, c in enumerate(clips))
+    atomic_write_bytes(output / SIMILARITY_FILE, table.getvalue().encode())
+    from PIL import Image
+
+    sheets = []
+    for i, k in enumerate(prompt_ids):
+        r = ranks[i]
+        rival = clips[r["other_index"]]["file_path"] if r["other_index"] is not None else "-"
+        title = [f"prompt {k}: {_short(e.prompts[k], 110)}",
+                 f"similarity to its own clip {r['own']:.2f} (rank {r['rank']} of {len(clips)} clips); best other "
+                 f"{r['other']:.2f} ({Path(rival).name}); accelerated vs exact: "
+                 f"{f'{psnrs[i]:.1f} dB PSNR' if math.isfinite(psnrs[i]) else 'identical'}"]
+        rows = [(f"training clip\n{_short(Path(clips[r['own_index']]['file_path']).name, 20)}",
+                 clips[r["own_index"]]["frames"]),
+                ("generated\naccel=exact", videos[i]), ("generated\naccel=default", fast[i])]
+        buf = io.BytesIO()
+        Image.fromarray(side_by_side(rows, title)).save(buf, format="PNG", optimize=True)
+        sheets.append(atomic_write_bytes(output / SIDE_BY_SIDE_DIR / f"prompt-{k:02d}.png", buf.getvalue()))
+    return metrics, sheets
 
 
 PREVIEW_MIN_SIDE = 256  # the animated previews are upscaled (nearest) to at least this many pixels a side
@@ -452,9 +652,19 @@ def evaluate(cfg: Config, model: str | Path, data: str | Path | None, output: st
         metrics.update(dit_validation_loss(pipe, clips, latents, cfg, device))
 
     # 5. generated samples: flicker, motion, MP4s and the contact sheet
-    videos = generate_samples(pipe, cfg)
+    videos = generate_samples(pipe, cfg, accel="exact")
     metrics.update(sample_metrics(videos))
     sample_paths, sheet = write_samples(videos, cfg, output)
+
+    # 5b. prompts that are training captions: similarity to their clip vs the others, exact vs accelerated sheets
+    refs = caption_clips(cfg, data, pipe.vae.frame_rule)
+    trained = [k for k, p in enumerate(e.prompts) if any(c["split"] == "train" and c["text"] == p.strip()
+                                                          for c in refs)]
+    side_sheets: list[Path] = []
+    if trained:
+        fast = generate_samples(pipe, cfg, accel="default", only=trained)
+        values, side_sheets = training_caption_report(cfg, [videos[k] for k in trained], fast, trained, refs, output)
+        metrics.update(values)
 
     # 6. optional CLIPScore and FVD
     if clip_scorer is not None:
@@ -472,13 +682,19 @@ def evaluate(cfg: Config, model: str | Path, data: str | Path | None, output: st
     for path in sorted((output / "samples").iterdir()):  # MP4s, their GIF previews, prompts.json
         tracker.log_artifact(path, "samples")
     tracker.log_artifact(sheet, "samples")
+    for path in side_sheets:  # training clip | generated exact | generated accelerated, per training caption
+        tracker.log_artifact(path, "similarity")
+    if side_sheets:
+        tracker.log_artifact(output / SIMILARITY_FILE, "similarity")
     tracker.log_artifact(metrics_path, "eval")
     if reasons:
         logger.warning("evaluation gates failed: %s", "; ".join(reasons))
     return {**metrics, "gate_reasons": reasons, "metrics_path": str(metrics_path),
             "samples": [str(p) for p in sample_paths], "contact_sheet": str(sheet),
+            "side_by_side": [str(p) for p in side_sheets],
             "seconds": round(time.perf_counter() - t_start, 3)}
 
 
 __all__ = ["ClipScorer", "FvdNetwork", "GATES", "contact_sheet", "evaluate", "flicker_score", "frechet_distance",
-           "gates_passed", "motion_magnitude", "temporal_flicker"]
+           "gates_passed", "motion_magnitude", "own_clip_ranks", "scene_features", "side_by_side", "similarity_matrix",
+           "similarity_metrics", "temporal_flicker"]

@@ -81,6 +81,8 @@ def train_vae(cfg: Config, data: str | Path, output: str | Path, resume: str | N
     """
     started = time.time()
     output = Path(output)
+    if cfg.train.vae.max_steps:  # the VAE's own step count (train.max_steps is the DiT's)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=cfg.train.vae.max_steps))
     from easyanimate.runtime import tune_allocator
 
     tune_allocator()  # keep freed large CPU blocks in the heap (easyanimate.runtime)
