@@ -29,6 +29,19 @@ DEFAULTS = {1: {"num_frames": 9, "height": 32, "width": 48, "steps": 2, "fps": 8
 SMALL = {"num_frames": 9, "height": 32, "width": 32, "steps": 2, "seed": 5}
 
 
+def test_model_values_name_allowed_sources_by_version_alias_or_uri():
+    from serving.request import RequestError, model_names, parse_model_choice
+
+    assert model_names("models:/ea/3") == {"models:/ea/3", "3", "ea/3"}
+    assert model_names("models:/ea@champion") == {"models:/ea@champion", "champion", "@champion", "ea@champion"}
+    assert model_names("/srv/models/pipe") == {"/srv/models/pipe", "pipe"} and model_names("tiny") == {"tiny"}
+    for good in ("3", "champion", "@champion", "models:/ea/3", "models:/ea@champion", "tiny"):
+        assert parse_model_choice(f" {good} ") == good
+    for bad in ("", "0", "3.5", "a/b", "models:/ea", "models:/ea/x", "../x", "x" * 600, "a\nb"):
+        with pytest.raises(RequestError, match="MODEL must be"):
+            parse_model_choice(bad)
+
+
 @pytest.fixture(scope="module")
 def versions(mlflow_server, tiny_pipeline_folder, tmp_path_factory):
     """v1 (init seed 0), v2 (init seed 7, better: champion), v3 (failed its gates)."""
