@@ -82,6 +82,15 @@ def test_defaults_apply_to_optional_inputs(triton):
     assert read_video(result.data).shape == (9, 64, 64, 3)
 
 
+def test_without_the_front_a_model_checks_that_model_names_it(triton):
+    """MODEL is routed by serve's front (test_models.py); a bare tritonserver's model answers to its own names only."""
+    result = client.infer_http(_http(triton), to_inputs("a cat", model="tiny", steps=1))
+    assert result.metadata["model"]["served_as"] == "tiny"
+    with pytest.raises(client.ServerError, match="MODEL 'models:/easyanimate/9' is not served here: this model "
+                                                 "serves tiny"):
+        client.infer_http(_http(triton), to_inputs("a cat", model="models:/easyanimate/9", steps=1))
+
+
 def test_grpc_stream_sends_progress_per_step_then_the_video(triton):
     seen = []
     result = client.infer_grpc_stream(triton.grpc_url, to_inputs("waves", **{**SMALL, "steps": 4}),
