@@ -20,6 +20,17 @@ def tiny_pipeline_folder(tmp_path_factory, tiny_config) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """One real official-format LoRA for the tiny model (``style.safetensors``): the UI lists it, the server applies
+    it (test_webui.py, test_models.py; test_security.py has its own folder of good and hostile files)."""
+    from tests.serving.test_triton_lora import _write_official_lora
+
+    folder = tmp_path_factory.mktemp("lora")
+    _write_official_lora(folder / "style.safetensors")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def endpoint(tmp_path_factory):
     """The public endpoint as ``easyanimate serve`` runs it: the validating front (serving/front.py) before a

@@ -64,15 +64,6 @@ def versions(mlflow_server, tiny_pipeline_folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    from tests.serving.test_triton_lora import _write_official_lora
-
-    folder = tmp_path_factory.mktemp("lora")
-    _write_official_lora(folder / "style.safetensors")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def endpoint(mlflow_server, versions, lora_dir, tmp_path_factory):
     from serving.launch import TritonServer
     from serving.supervisor import Endpoint

@@ -108,16 +108,6 @@ def test_server_info_of_an_unreachable_server_is_a_message():
 
 
 @pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    """One real official-format LoRA for the tiny model: the UI lists it, the server applies it."""
-    from tests.serving.test_triton_lora import _write_official_lora
-
-    folder = tmp_path_factory.mktemp("lora")
-    _write_official_lora(folder / "style.safetensors")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def triton(tmp_path_factory, lora_dir):
     from serving.launch import TritonServer
 
