@@ -224,6 +224,8 @@ class VAETrainConfig:
     disc_layers: int = 3  # stride-2 conv layers of the 2D PatchGAN (V2: 3)
     disc_3d_channels: tuple[int, ...] = (64, 128, 256)  # widths of the 3D discriminator (V2: 64, 128, 256)
     sample_posterior: bool = True  # decode a posterior draw while training (V2), not its mean
+    fit_scaling_factor: bool = False  # save scaling_factor = 1 / std of the training clips' latents (unit-variance
+    #                                   latents for the DiT, as Stable Diffusion chose its 0.18215); off = keep model.vae's
 
 
 @dataclass(frozen=True)

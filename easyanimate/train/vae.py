@@ -453,10 +453,30 @@ def _restore(run: _Run, checkpoint: Path) -> None:
                 sampler.consumed)
 
 
+@torch.no_grad()
+def fitted_scaling_factor(vae: AutoencoderKLMagvit, dataset, max_clips: int = 16) -> float:
+    """``1 / std`` of the posterior means of up to ``max_clips`` clips of ``dataset`` (V2's chunked encode), so the
+    scaled latents the DiT sees have unit variance."""
+    was_training = vae.training
+    vae.eval()
+    means = []
+    for i in range(min(len(dataset), max_clips)):
+        x = dataset[i]["pixel_values"][None].to(next(vae.parameters()).device, vae.dtype)
+        means.append(vae.encode_chunked(x, sample=False).float().flatten())
+    vae.train(was_training)
+    std = float(torch.cat(means).std()) if means else 0.0
+    if not math.isfinite(std) or std <= 0:
+        raise ValueError(f"cannot fit the VAE scaling factor: latent std of {len(means)} clips is {std}")
+    return 1.0 / std
+
+
 def _save_final(run: _Run) -> Path:
     """``output/final``: the VAE as a ``save_pretrained`` folder (safetensors), written to a temp name and renamed."""
     final = run.output / "final"
     if run.accelerator.is_main_process:
+        if run.cfg.train.vae.fit_scaling_factor:
+            run.vae.register_to_config(scaling_factor=fitted_scaling_factor(run.vae, run.loader.dataset))
+            run.tracker.log_metrics({"scaling_factor": run.vae.config.scaling_factor}, step=run.step)
         tmp = run.output / f".tmp-final-{uuid.uuid4().hex[:8]}"
         try:
             run.vae.save_pretrained(str(tmp), safe_serialization=True)
