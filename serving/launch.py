@@ -321,6 +321,33 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def sweep_orphan_shm(root: Path = Path("/dev/shm")) -> list[Path]:
+    """Remove the Python-backend regions of launchers that are gone (``ea<pid>_<id>_*`` whose pid no longer exists).
+
+    A SIGKILLed ``serve`` takes tritonserver and its stubs with it (parent-death signal), but a stub killed before its
+    watchdog ran leaves its region behind; every start sweeps such orphans, so none accumulate."""
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for path in root.glob("ea*_*_*"):
+        head = path.name.split("_", 1)[0][2:]
+        if not head.isdigit():
+            continue
+        try:
+            os.kill(int(head), 0)
+            continue  # its launcher lives: not an orphan
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError as exc:
+            logger.warning("could not remove %s: %s", path, exc)
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the server
 
@@ -495,6 +522,7 @@ class TritonServer:
         """Start tritonserver, load the models, wait until ready (raises ``TritonLaunchError`` with the log tail)."""
         if self.proc is not None:
             raise RuntimeError("this TritonServer is already started")
+        sweep_orphan_shm()
         self._stop_watch.clear()  # a stopped server may be started again (serving/supervisor.py restarts it)
         self.tmp = Path(tempfile.mkdtemp(prefix="easyanimate-triton-"))
         try:
