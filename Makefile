@@ -26,8 +26,10 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
+# OMP_WAIT_POLICY=PASSIVE: test processes (pytest, MLflow, Triton stubs, kfp steps) share 2 cores; OpenMP threads that
+# spin while they wait made tiny steps 10-40x slower there (README, "The demo").
 test: setup browser
-	GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q
+	GRADIO_ANALYTICS_ENABLED=False OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -q
 
 # Containers (README "Containers"): a Docker engine (installed and started here when missing: no bridge network,
 # containers use the host's loopback), both images from one CUDA flavour, then the container tests.

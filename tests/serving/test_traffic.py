@@ -122,6 +122,29 @@ def test_over_budget_is_refused_at_once_naming_cost_and_budget(busy_server):
     assert busy_server.metric("easyanimate_requests_total", outcome="over_budget") == 2
 
 
+def _abandon(server, code: str, run_timeout: float, stop_timeout: float, what: str, while_running=lambda: None):
+    """Run ``code`` (a client asking for a long video) in a process; once its request has run 2 steps, call
+    ``while_running()``, kill the client, and wait until the server counts the request as cancelled.
+
+    Returns ``(steps the stopped request did, steps it ran after its client was killed)``."""
+    steps0 = server.metric(STEPS)
+    cancelled0 = server.metric("easyanimate_requests_total", outcome="cancelled")
+    stopped0 = server.metric("easyanimate_stopped_request_steps_total")
+    abandoned = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        _wait(lambda: server.metric(STEPS) >= steps0 + 2, run_timeout, f"the {what} to run")
+        while_running()
+        left_at = server.metric(STEPS)
+        abandoned.kill()
+    finally:
+        abandoned.kill()
+        abandoned.wait()
+    _wait(lambda: server.metric("easyanimate_requests_total", outcome="cancelled") > cancelled0, stop_timeout,
+          f"the {what} to stop")
+    done = server.metric("easyanimate_stopped_request_steps_total") - stopped0
+    return done, done - (left_at - steps0)
+
+
 @pytest.mark.slow
 def test_abandoned_request_stops_within_two_steps_and_the_queued_one_is_served(busy_server):
     """A gRPC client process asks for a long video and is killed mid-way; a small HTTP request waits behind it in
@@ -130,29 +153,19 @@ def test_abandoned_request_stops_within_two_steps_and_the_queued_one_is_served(b
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from serving import client; "
             f"from serving.request import to_inputs; "
             f"client.infer_grpc({busy_server.grpc_url!r}, to_inputs('a long walk', **{LARGE!r}))")
-    stopped0 = busy_server.metric("easyanimate_stopped_request_steps_total")
-    cancelled0 = busy_server.metric("easyanimate_requests_total", outcome="cancelled")
-    steps0 = busy_server.metric(STEPS)
-    abandoned = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        _wait(lambda: busy_server.metric(STEPS) >= steps0 + 2, 60, "the long request to run")
-        small: dict = {}
-        waiter = threading.Thread(target=lambda: small.update(
-            result=client.infer_http(busy_server.http_url.removeprefix("http://"), to_inputs("a dot", **SMALL))))
+    small: dict = {}
+    waiter = threading.Thread(target=lambda: small.update(
+        result=client.infer_http(busy_server.http_url.removeprefix("http://"), to_inputs("a dot", **SMALL))))
+
+    def queue_behind_it():
         waiter.start()
         _wait(lambda: busy_server.metric("nv_inference_pending_request_count", model="easyanimate") >= 1, 10,
               "the small request to be queued")
         status, body = _http_json(busy_server, to_inputs("one too many", **SMALL), timeout=10)
         assert status == 503 and "queue" in body["error"], (status, body)  # full queue: refused at once
-        left_at = busy_server.metric(STEPS)  # every step so far is the long request's: the small one waits
-        abandoned.kill()
-    finally:
-        abandoned.kill()
-        abandoned.wait()
-    _wait(lambda: busy_server.metric("easyanimate_requests_total", outcome="cancelled") > cancelled0, 30,
-          "the abandoned request to stop")
-    done = busy_server.metric("easyanimate_stopped_request_steps_total") - stopped0
-    ran_after = done - (left_at - steps0)
+
+    # every step until the kill is the long request's: the small one waits
+    done, ran_after = _abandon(busy_server, code, 60, 30, "long request", while_running=queue_behind_it)
     assert ran_after <= 2, f"the abandoned request ran {ran_after:g} steps after its client left (expected <= 2)"
     assert done < LARGE["steps"]
     waiter.join(timeout=60)
@@ -172,21 +185,8 @@ def test_an_http_client_that_hangs_up_stops_its_request_through_the_front(tmp_pa
                 f"from serving.request import to_inputs; "
                 f"client.infer_http({ep.http_url.removeprefix('http://')!r}, "
                 f"to_inputs('a long walk', accel='exact', **{LARGE!r}))")
-        steps0 = server.metric(STEPS)
-        cancelled0 = server.metric("easyanimate_requests_total", outcome="cancelled")
-        stopped0 = server.metric("easyanimate_stopped_request_steps_total")
-        abandoned = subprocess.Popen([sys.executable, "-c", code])
-        try:
-            _wait(lambda: server.metric(STEPS) >= steps0 + 2, 120, "the long HTTP request to run")
-            left_at = server.metric(STEPS)
-            abandoned.kill()
-        finally:
-            abandoned.kill()
-            abandoned.wait()
-        _wait(lambda: server.metric("easyanimate_requests_total", outcome="cancelled") > cancelled0, 60,
-              "the hung-up HTTP request to stop")
-        done = server.metric("easyanimate_stopped_request_steps_total") - stopped0
-        assert done - (left_at - steps0) <= 2, f"it ran {done - (left_at - steps0):g} steps after its client left"
+        done, ran_after = _abandon(server, code, 120, 60, "long HTTP request")
+        assert ran_after <= 2, f"it ran {ran_after:g} steps after its client left"
         assert done < LARGE["steps"] and ep.front.stats.cancelled == 1
         small = client.infer_http(ep.http_url.removeprefix("http://"), to_inputs("a dot", **SMALL))
         assert small.metadata["parameters"]["steps"] == SMALL["steps"], "the instance was not freed"
