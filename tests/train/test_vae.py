@@ -328,3 +328,27 @@ def test_init_from_a_vae_folder_or_a_pipeline_folder(main_run, tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert a.config.ch == 32 and list(a.config.ch_mult) == [1, 1, 2, 2]
+
+
+def test_vae_steps_of_its_own_and_a_fitted_latent_scale(vae_meta, tmp_path, one_thread):
+    """``train.vae.max_steps`` bounds the VAE run whatever ``train.max_steps`` (the DiT's) says; with
+    ``train.vae.fit_scaling_factor`` the saved ``scaling_factor`` makes the training clips' posterior means unit-variance
+    (the DiT's latents), where V2's fixed 0.18215 does not."""
+    from easyanimate.data.dataset import load_train_validation
+    from easyanimate.models.autoencoder_magvit import AutoencoderKLMagvit
+    from easyanimate.train.vae import train_vae, vae_data_config
+
+    cfg = _cfg("train.max_steps=500", "train.vae.max_steps=2", "train.vae.fit_scaling_factor=true",
+               "train.validation_steps=0", "train.checkpointing_steps=0")
+    summary = train_vae(cfg, vae_meta, tmp_path)
+    assert summary["steps"] == 2
+    assert max(m.get("step", 0) for m in _metrics(tmp_path)) == 2
+    vae = AutoencoderKLMagvit.from_pretrained(summary["final"]).eval()
+    scale = vae.config.scaling_factor
+    assert scale != pytest.approx(0.18215)
+    train_ds, _ = load_train_validation(vae_data_config(cfg, vae), vae_meta)
+    with torch.no_grad():
+        means = torch.cat([vae.encode_chunked(train_ds[i]["pixel_values"][None], sample=False).flatten()
+                           for i in range(len(train_ds))])
+    assert float((means * scale).std()) == pytest.approx(1.0, rel=1e-3)
+    assert abs(float((means * 0.18215).std()) - 1.0) > 0.05
