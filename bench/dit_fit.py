@@ -12,7 +12,8 @@ DDIM sample from pure noise against that latent (its variance = no memory of it 
 Why: the demo's DiT reached a validation loss of 0.19 yet generated the same texture for every caption. Fitting one
 latent shows the cause: the ε-MSE stays near 0.15-0.2 even at t = 999, where ε ≈ x_t is nearly the identity of the
 input, when the residual width equals the patch size (demo: width 64 = 2·2·16 latent values per token); x0 = (x_t −
-√(1−ᾱ)·ε)/√ᾱ multiplies that error by 1/ᾱ, so no sampler finds the data from pure noise. A wider model lowers the floor.
+√(1−ᾱ)·ε)/√ᾱ multiplies that error by 1/ᾱ, so no sampler finds the data from pure noise. A wider model or a smaller
+patch lowers the floor.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     from easyanimate.config import load_config
     from easyanimate.pipeline import build_pipeline
     from easyanimate.runtime import tune_allocator
-    from easyanimate.train.dit import GaussianDiffusion, make_noise_scheduler
+    from easyanimate.train.dit import GaussianDiffusion, diffusion_loss, make_noise_scheduler
 
     tune_allocator()
     torch.manual_seed(args.seed)
@@ -63,10 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     for _ in range(args.steps):
-        noise = torch.randn_like(target)
-        t = torch.randint(0, diffusion.num_timesteps, (1,))
-        x_t = noise_scheduler.add_noise(target, noise, t)
-        loss = diffusion.training_losses(forward(x_t, t).float(), target, x_t, t, noise)["loss"].mean()
+        loss = diffusion_loss(model, target, embeds, mask, noise_scheduler, diffusion)["loss"].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -311,6 +311,16 @@ def _parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -333,13 +343,8 @@ def sweep_orphan_shm(root: Path = Path("/dev/shm")) -> list[Path]:
         head = path.name.split("_", 1)[0][2:]
         if not head.isdigit():
             continue
-        try:
-            os.kill(int(head), 0)
+        if _pid_alive(int(head)):
             continue  # its launcher lives: not an orphan
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
         try:
             path.unlink()
             removed.append(path)
