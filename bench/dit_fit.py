@@ -6,7 +6,8 @@
 
 Trains a freshly initialised transformer of the preset (V2's loss: ε-MSE + VLB, uniform timesteps, AdamW at
 ``train.learning_rate``) on a single fixed, smooth random latent of one frame for ``--steps`` steps, then prints one JSON
-line: the ε-MSE at fixed timesteps (fresh noise), the x0 error that ε implies, and the mean squared error of a 50-step
+line: the ε-MSE at fixed timesteps (fresh noise), the x0 error that ε implies (with ``--set train.prediction_type=sample``
+or ``v_prediction``, and ``train.zero_terminal_snr=true``, the model predicts x0 or v and both errors are derived from it), and the mean squared error of a 50-step
 DDIM sample from pure noise against that latent (its variance = no memory of it at all).
 
 Why: the demo's DiT reached a validation loss of 0.19 yet generated the same texture for every caption. Fitting one
@@ -36,11 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import torch
-    from diffusers import DDIMScheduler
 
     from easyanimate.config import load_config
     from easyanimate.pipeline import build_pipeline
     from easyanimate.runtime import tune_allocator
+    from easyanimate.schedulers import make_scheduler, training_scheduler_kwargs
     from easyanimate.train.dit import GaussianDiffusion, diffusion_loss, make_noise_scheduler
 
     tune_allocator()
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 5)
     target = torch.randn(1, channels, 1, side, side, generator=gen)
     target = torch.nn.functional.avg_pool3d(target, (1, 3, 3), 1, (0, 1, 1)) * 3  # smooth, variance about 1
-    noise_scheduler = make_noise_scheduler(cfg.train.num_train_timesteps)
-    diffusion = GaussianDiffusion.from_scheduler(noise_scheduler)
+    noise_scheduler = make_noise_scheduler(cfg.train.num_train_timesteps, cfg.train.zero_terminal_snr)
+    diffusion = GaussianDiffusion.from_scheduler(noise_scheduler, cfg.train.prediction_type)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0)
 
     def forward(x, t):
@@ -79,12 +80,21 @@ def main(argv: list[str] | None = None) -> dict:
             t = torch.tensor([t_val])
             noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(t_val))
             x_t = noise_scheduler.add_noise(target, noise, t)
-            eps = forward(x_t, t)[:, :channels]
+            pred = forward(x_t, t)[:, :channels]
             ab = noise_scheduler.alphas_cumprod[t_val]
-            x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+            if cfg.train.prediction_type == "sample":
+                x0 = pred
+                eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+            elif cfg.train.prediction_type == "v_prediction":
+                x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * pred
+                eps = ab.sqrt() * pred + (1 - ab).sqrt() * x_t
+            else:
+                eps = pred
+                x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
             result[f"eps_mse_t{t_val}"] = round(float(((eps - noise) ** 2).mean()), 4)
             result[f"x0_mse_t{t_val}"] = round(float(((x0 - target) ** 2).mean()), 3)
-        sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+        sampler = make_scheduler("DDIM", **training_scheduler_kwargs(cfg.train.prediction_type,
+                                                                      cfg.train.zero_terminal_snr))
         sampler.set_timesteps(50)
         z = torch.randn(target.shape, generator=torch.Generator().manual_seed(args.seed + 7))
         for t in sampler.timesteps:

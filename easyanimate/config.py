@@ -256,6 +256,10 @@ class TrainConfig:
     cache_text_embeddings: bool = True  # frozen text encoder runs once per caption, not every step
     cache_latents: bool = False  # also cache VAE latents (fixes the frame sampling per clip)
     num_train_timesteps: int = 1000
+    # what the DiT predicts: V2's "epsilon" (noise; plus the learned variance when out_channels = 2 x in_channels),
+    # "v_prediction" or "sample" (x0; the variance channels then get no loss). The saved pipeline's scheduler records it.
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False  # rescale the betas so the last step is pure noise (needs v_prediction or sample)
     lora_rank: int = 128  # V2 LoRA: rank 128, alpha 64, on every Linear incl. motion modules
     lora_alpha: float = 64.0
     lora_learning_rate: float = 1e-4
@@ -555,6 +559,10 @@ RANGES = {
 }
 
 
+# keys with a fixed set of values
+CHOICES = {"train.prediction_type": ("epsilon", "v_prediction", "sample")}
+
+
 def _in_range(value: float, spec: str) -> bool:
     if ".." in spec:
         lo, hi = (float(x) for x in spec.split(".."))
@@ -573,6 +581,15 @@ def check_ranges(cfg: Config) -> Config:
         if not _in_range(float(value), spec):
             expected = f"a value in [{spec.replace('..', ', ')}]" if ".." in spec else f"a value {spec}"
             raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    if cfg.train.zero_terminal_snr and cfg.train.prediction_type == "epsilon":
+        raise ConfigError("train.zero_terminal_snr: expected train.prediction_type v_prediction or sample (the noise "
+                          "cannot be predicted from pure noise at the last step), got epsilon")
     return cfg
 
 

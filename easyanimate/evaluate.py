@@ -323,11 +323,14 @@ def reconstruction_metrics(vae, clips: Sequence[dict], latents) -> dict[str, flo
 
 
 def dit_validation_loss(pipe, clips: Sequence[dict], latents, cfg: Config, device) -> dict[str, float]:
-    """The trainer's fixed-timestep, fixed-noise validation loss on the held-out clips."""
+    """The trainer's fixed-timestep, fixed-noise validation loss on the held-out clips, for what the model predicts
+    (the prediction type and noise schedule its saved scheduler records)."""
+    from .schedulers import model_scheduler_kwargs
     from .train.dit import GaussianDiffusion, TextEmbeddingCache, make_noise_scheduler, validation_loss
 
-    noise_scheduler = make_noise_scheduler(cfg.train.num_train_timesteps)
-    diffusion = GaussianDiffusion.from_scheduler(noise_scheduler)
+    trained = model_scheduler_kwargs(pipe.scheduler)
+    noise_scheduler = make_noise_scheduler(cfg.train.num_train_timesteps, trained.get("rescale_betas_zero_snr", False))
+    diffusion = GaussianDiffusion.from_scheduler(noise_scheduler, trained.get("prediction_type", "epsilon"))
     texts = TextEmbeddingCache(pipe, None, torch.float32)  # no cache: each held-out caption is encoded once anyway
     return validation_loss(pipe.transformer, clips, latents, texts, noise_scheduler, diffusion,
                            cfg.evaluate.validation_timesteps, cfg.evaluate.seed, device)

@@ -29,7 +29,7 @@ from .fsutil import replace_dir
 from .models.autoencoder_magvit import AutoencoderKLMagvit
 from .models.text_encoder import load_encoder, load_tokenizer, resolve_text_encoder_dirs
 from .models.transformer3d import Transformer3DModel
-from .schedulers import SAMPLERS, make_scheduler, sampler_name
+from .schedulers import SAMPLERS, make_scheduler, model_scheduler_kwargs, sampler_name
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
         return self.vae.video_latent_frames(num_frames)
 
     def set_sampler(self, name: str) -> None:
-        """Swap the scheduler for a V2 sampler name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM")."""
-        self.scheduler = make_scheduler(name)
+        """Swap the scheduler for a V2 sampler name ("Euler", "Euler A", "DPM++", "PNDM", "DDIM"), keeping what the
+        model was trained for (its prediction type and noise schedule, ``schedulers.MODEL_SCHEDULER_KEYS``)."""
+        self.scheduler = make_scheduler(name, **model_scheduler_kwargs(self.scheduler))
 
     def set_parallel(self, parallel: str | None) -> None:
         """Split the DiT across the torchrun process group (easyanimate.parallel): ``"ulysses=N"``, ``"ring=N"``
@@ -183,7 +184,9 @@ class EasyAnimatePipeline(DiffusionPipeline):
 
         scheduler = components.pop("scheduler", None)
         if scheduler is None:
-            scheduler = make_scheduler(sampler) if sampler else cls._load_scheduler(root / "scheduler")
+            scheduler = cls._load_scheduler(root / "scheduler")
+            if sampler:
+                scheduler = make_scheduler(sampler, **model_scheduler_kwargs(scheduler))
         if components:
             raise TypeError(f"unexpected components {sorted(components)}")
         pipe = cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,

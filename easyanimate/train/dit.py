@@ -42,6 +42,7 @@ from ..config import Config
 from ..data.dataset import build_dataloader, load_train_validation, with_frame_rule
 from ..fsutil import replace_dir
 from ..pipeline import build_pipeline
+from ..schedulers import make_scheduler, sampler_name, training_scheduler_kwargs
 from ..tracking import JsonlTracker, NullTracker, Tracker
 from ..video import write_video
 from .common import (
@@ -101,8 +102,11 @@ class GaussianDiffusion:
     ``betas``: ``(T,)`` — take them from the ``DDPMScheduler`` that noises the latents so both agree.
     """
 
-    def __init__(self, betas: torch.Tensor) -> None:
+    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon") -> None:
         betas = torch.as_tensor(betas, dtype=torch.float64)
+        if prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type: expected epsilon, v_prediction or sample, got {prediction_type!r}")
+        self.prediction_type = prediction_type
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError(f"betas must be a 1-D schedule of at least 2 steps, got shape {tuple(betas.shape)}")
         self.num_timesteps = len(betas)
@@ -122,8 +126,8 @@ class GaussianDiffusion:
         self.log_betas = torch.log(betas)
 
     @classmethod
-    def from_scheduler(cls, scheduler) -> GaussianDiffusion:
-        return cls(scheduler.betas.double())
+    def from_scheduler(cls, scheduler, prediction_type: str = "epsilon") -> GaussianDiffusion:
+        return cls(scheduler.betas.double(), prediction_type)
 
     @staticmethod
     def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -161,12 +165,31 @@ class GaussianDiffusion:
         nll = -mean_flat(discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var)) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, nll, kl)
 
+    def to_epsilon(self, model_output, x_t, t) -> torch.Tensor:
+        """The noise that the first C channels of ``model_output`` (x0, v or ε, by ``prediction_type``) imply."""
+        pred = model_output[:, :x_t.shape[1]]
+        if self.prediction_type == "epsilon":
+            return pred
+        ac = self._at(self.alphas_cumprod, t, x_t)
+        if self.prediction_type == "v_prediction":
+            return ac.sqrt() * pred + (1.0 - ac).sqrt() * x_t
+        return (x_t - ac.sqrt() * pred) / (1.0 - ac).sqrt()
+
     def training_losses(self, model_output, x_start, x_t, t, noise) -> dict[str, torch.Tensor]:
         """V2's loss per sample: ``mse = mean_flat((ε − ε̂)²)``, ``vb`` = VLB with ε̂ detached, ``loss = mse + vb``.
 
-        A model without learned variance (``model_output`` with C channels) gets ``loss = mse``, ``vb = 0``.
+        A model without learned variance (``model_output`` with C channels) gets ``loss = mse``, ``vb = 0``. With
+        ``prediction_type`` "v_prediction" or "sample" the first C channels are compared with v = √ᾱ·ε − √(1−ᾱ)·x0 or
+        with x0, and ``vb = 0`` (any variance channels get no loss).
         """
         c = x_start.shape[1]
+        if model_output.shape[1] not in (c, 2 * c):
+            raise ValueError(f"model output has {model_output.shape[1]} channels; expected {c} or {2 * c}")
+        if self.prediction_type != "epsilon":
+            ac = self._at(self.alphas_cumprod, t, x_start)
+            target = x_start if self.prediction_type == "sample" else ac.sqrt() * noise - (1.0 - ac).sqrt() * x_start
+            mse = mean_flat((target - model_output[:, :c]) ** 2)
+            return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
         if model_output.shape[1] == 2 * c:
             eps, v = model_output[:, :c], model_output[:, c:]
             vb = self.vlb_terms(torch.cat([eps.detach(), v], dim=1), x_start, x_t, t)
@@ -178,14 +201,15 @@ class GaussianDiffusion:
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
 
-def make_noise_scheduler(num_train_timesteps: int):
+def make_noise_scheduler(num_train_timesteps: int, zero_terminal_snr: bool = False):
     """guided-diffusion's linear schedule (β 1e-4 → 0.02 at 1000 steps, scaled by 1000/T otherwise), as diffusers'
-    ``DDPMScheduler`` (its ``add_noise`` noises the latents; its betas feed ``GaussianDiffusion``)."""
+    ``DDPMScheduler`` (its ``add_noise`` noises the latents; its betas feed ``GaussianDiffusion``); with
+    ``zero_terminal_snr`` its betas are rescaled so that ᾱ at the last step is 0 (pure noise)."""
     from diffusers import DDPMScheduler
 
     scale = 1000.0 / num_train_timesteps
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=scale * 1e-4, beta_end=scale * 0.02,
-                         beta_schedule="linear")
+                         beta_schedule="linear", rescale_betas_zero_snr=zero_terminal_snr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,7 +394,11 @@ def diffusion_loss(model, batch_latents, embeds, mask, noise_scheduler, diffusio
 @torch.no_grad()
 def validation_loss(transformer, val_ds, latents: LatentEncoder, texts: TextEmbeddingCache, noise_scheduler,
                     diffusion, timesteps: Sequence[int], seed: int, device) -> dict[str, float]:
-    """Mean loss over the held-out clips at FIXED timesteps with FIXED noise (comparable from step to step)."""
+    """Mean loss over the held-out clips at FIXED timesteps with FIXED noise (comparable from step to step).
+
+    Always in V2's ε terms, whatever the model predicts (x0 and v are turned into the noise they imply, without a
+    VLB), so gates and champion comparisons hold across ``train.prediction_type``."""
+    as_epsilon = GaussianDiffusion(diffusion.betas)
     was_training = transformer.training
     transformer.eval()
     per_t: dict[int, list[float]] = {int(t): [] for t in timesteps}
@@ -386,7 +414,9 @@ def validation_loss(transformer, val_ds, latents: LatentEncoder, texts: TextEmbe
                 x_t = noise_scheduler.add_noise(x0, noise, t)
                 out = transformer(x_t.to(transformer.dtype), t, encoder_hidden_states=embeds.to(transformer.dtype),
                                   encoder_attention_mask=mask, return_dict=False)[0]
-                terms = diffusion.training_losses(out.float(), x0, x_t, t, noise)
+                if diffusion.prediction_type != "epsilon":
+                    out = diffusion.to_epsilon(out.float(), x_t, t)
+                terms = as_epsilon.training_losses(out.float(), x0, x_t, t, noise)
                 per_t[t_val].append(float(terms["loss"].mean()))
                 parts["mse"].append(float(terms["mse"].mean()))
                 parts["vb"].append(float(terms["vb"].mean()))
@@ -556,8 +586,12 @@ def train_dit(cfg: Config, data: Path | str | None, output: Path | str, resume: 
     bad_t = [t for t in tc.validation_timesteps if not 0 <= t < tc.num_train_timesteps]
     if bad_t:
         raise ValueError(f"train.validation_timesteps must lie in [0, {tc.num_train_timesteps}), got {bad_t}")
-    noise_scheduler = make_noise_scheduler(tc.num_train_timesteps)
-    diffusion = GaussianDiffusion.from_scheduler(noise_scheduler)
+    noise_scheduler = make_noise_scheduler(tc.num_train_timesteps, tc.zero_terminal_snr)
+    diffusion = GaussianDiffusion.from_scheduler(noise_scheduler, tc.prediction_type)
+    sampling = training_scheduler_kwargs(tc.prediction_type, tc.zero_terminal_snr)
+    if sampling:  # samples, validation renders and the exported pipeline sample what this run trains
+        name = sampler_name(pipe.scheduler)
+        pipe.scheduler = make_scheduler("DDIM" if name in (None, "PNDM") else name, **sampling)
 
     # 6. resume
     step, epoch, data_state = 0, 0, None
