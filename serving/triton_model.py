@@ -315,7 +315,10 @@ def generate(model: LoadedModel, req: GenerationRequest,
                 why = f"the file cannot be read ({exc.strerror or type(exc).__name__})" if isinstance(exc, OSError) \
                     else str(exc)  # OSError messages carry the server's path: only its reason goes back
                 raise RequestError(f"LORA {req.lora!r} cannot be applied to this model: {why}") from None
-        pipe.set_sampler(req.sampler)  # a fresh scheduler per request: no state carried over
+        try:  # a fresh scheduler per request: no state carried over
+            pipe.set_sampler(req.sampler)
+        except ValueError as exc:  # e.g. PNDM for a model trained with a zero terminal SNR
+            raise RequestError(f"SAMPLER: {exc}") from None
         generator = torch.Generator("cpu").manual_seed(req.seed)
         pipe.encode_prompt = timed_encode  # instance attribute: times both prompt encodings of this call
         try:

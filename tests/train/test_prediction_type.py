@@ -109,3 +109,21 @@ def test_validation_loss_is_in_epsilon_terms_for_every_prediction_type():
         truth = x0 if kind == "sample" else scheduler.get_velocity(x0, noise, t)
         eps = GaussianDiffusion.from_scheduler(scheduler, kind).to_epsilon(truth, x_t, t)
         assert torch.allclose(eps, noise, atol=1e-4), (kind, zero_snr)
+
+
+def test_triton_refuses_pndm_for_a_zero_snr_model_as_the_requests_error():
+    """The server's per-request sampler swap: PNDM on a zero-SNR model is a clear SAMPLER error, the model untouched."""
+    from easyanimate.config import load_config as load
+    from easyanimate.pipeline import build_pipeline
+    from serving.request import GenerationRequest, Limits, RequestError, v2_defaults
+    from serving.triton_model import LoadedModel, generate
+
+    pipe = build_pipeline(load("tiny").model)
+    pipe.scheduler = make_scheduler("DDIM", **training_scheduler_kwargs("sample", True))
+    model = LoadedModel(pipe=pipe, limits=Limits(), defaults=v2_defaults(), info={"device": "cpu"}, load_seconds=0.0)
+    req = GenerationRequest(**{**v2_defaults(), "prompt": "a", "num_frames": 9, "height": 32, "width": 32,
+                               "steps": 1, "sampler": "PNDM"})
+    with pytest.raises(RequestError, match=r"^SAMPLER: sampler 'PNDM' cannot sample a model trained with a zero "
+                                           r"terminal SNR"):
+        generate(model, req)
+    assert pipe.scheduler.config.prediction_type == "sample" and not model.lock.locked()
