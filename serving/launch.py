@@ -311,24 +311,23 @@ def _parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def _reachable(kill, target: int) -> bool:
+    """Signal 0 through ``kill`` (``os.kill`` or ``os.killpg``): the process or group exists (another user's counts)."""
     try:
-        os.kill(pid, 0)
+        kill(target, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
     return True
+
+
+def _pid_alive(pid: int) -> bool:
+    return _reachable(os.kill, pid)
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _reachable(os.killpg, pgid)
 
 
 def sweep_orphan_shm(root: Path = Path("/dev/shm")) -> list[Path]:
