@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint bench clean docker-engine images test-containers
+.PHONY: setup browser demo demo-vae test lint bench clean docker-engine images test-containers
 
 setup: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): requirements.lock pyproject.toml
 # The main job: local MLflow, sample data, the whole Kubeflow pipeline locally (tiny), registry, Triton, a video.
 demo: setup
 	GRADIO_ANALYTICS_ENABLED=False $(VENV)/bin/easyanimate demo --out outputs/demo
+
+# Re-make the VAE the demo starts from (easyanimate/presets/weights/demo_vae, `train.vae.init_from: bundled:demo_vae`)
+# on the training split of the last `make demo` run's dataset: bench/demo_vae.py, about 30 min on 2 cores, resumable.
+demo-vae: setup
+	@data=$$(ls -d outputs/demo/kfp/*/merge/dataset 2>/dev/null | tail -1); \
+	test -n "$$data" || { echo "error: expected a dataset from 'make demo' under outputs/demo/kfp, found none" >&2; exit 2; }; \
+	OMP_WAIT_POLICY=PASSIVE $(PY) bench/demo_vae.py --data "$$data"
 
 # Browser tests drive Debian's chromium (Playwright's own browser download does not work offline).
 browser:

@@ -6,9 +6,10 @@
 
 Trains a freshly initialised transformer of the preset (V2's loss: ε-MSE + VLB, uniform timesteps, AdamW at
 ``train.learning_rate``) on a single fixed, smooth random latent of one frame for ``--steps`` steps, then prints one JSON
-line: the ε-MSE at fixed timesteps (fresh noise), the x0 error that ε implies (with ``--set train.prediction_type=sample``
-or ``v_prediction``, and ``train.zero_terminal_snr=true``, the model predicts x0 or v and both errors are derived from it), and the mean squared error of a 50-step
-DDIM sample from pure noise against that latent (its variance = no memory of it at all).
+line: the ε-MSE at fixed timesteps (fresh noise), the x0 error that ε implies (with ``--set
+train.prediction_type=sample`` or ``v_prediction``, and ``train.zero_terminal_snr=true``, the model predicts x0 or v
+and both errors are derived from it), and the mean squared error of a 50-step DDIM sample from pure noise against
+that latent (its variance = no memory of it at all).
 
 Why: the demo's DiT reached a validation loss of 0.19 yet generated the same texture for every caption. Fitting one
 latent shows the cause: the ε-MSE stays near 0.15-0.2 even at t = 999, where ε ≈ x_t is nearly the identity of the

@@ -9,7 +9,10 @@ Per sample (V2 ``dataset_image_video.py`` + ``train_t2iv.py`` collate):
   longest and 0.1 split evenly over the others, then capped by what the video holds;
 - images are 1-frame clips; every sample is resized so its short side covers its aspect-ratio bucket
   (``ASPECT_RATIO_512`` × ``sample_size/512``), centre-cropped and normalised to [-1, 1] → ``(C, F, H, W)``;
-- the caption is dropped (``""``) with probability ``caption_dropout`` (train only).
+- the caption is dropped (``""``) with probability ``caption_dropout`` (train only);
+- augmentation, off by default as in V2 (train only, one draw per clip): ``random_zoom`` > 1 resizes the short side
+  to ``zoom`` × the bucket's (zoom uniform in ``[1, random_zoom]``) and crops at a random place instead of the
+  centre; ``random_flip`` mirrors the clip left-right with p = 0.5.
 
 All randomness is a pure function of ``(seed, epoch, index)``: the same seed gives the same samples, a resumed run
 gives the samples it would have given. Validation (``train=False``) is deterministic and epoch-independent: the
@@ -41,7 +44,7 @@ from .meta import load_meta, resolve_media_path
 logger = logging.getLogger(__name__)
 
 MAX_SUBSTITUTE_TRIES = 8
-_RNG_LENGTH, _RNG_START, _RNG_TEXT, _RNG_SUBSTITUTE = 1, 2, 3, 4
+_RNG_LENGTH, _RNG_START, _RNG_TEXT, _RNG_SUBSTITUTE, _RNG_AUGMENT = 1, 2, 3, 4, 5
 
 
 def frame_length_choices(num_frames: int, offset: int = 0, step: int = 9) -> tuple[list[int], np.ndarray]:
@@ -258,8 +261,29 @@ class VideoTextDataset(Dataset):
     def _load(self, index: int, epoch: int, frames: int, size: tuple[int, int]) -> torch.Tensor:
         item = self.items[index]
         raw = self._read_frames(item, self.frame_indices(index, epoch, frames))
-        x = resize_center_crop(raw, size)  # (F, 3, H, W) in [0, 1]
+        if self.train and (self.cfg.random_zoom > 1.0 or self.cfg.random_flip):
+            x = self._augment(raw, size, self._rng(epoch, index, _RNG_AUGMENT))
+        else:
+            x = resize_center_crop(raw, size)  # (F, 3, H, W) in [0, 1]
         return x.mul_(2.0).sub_(1.0).permute(1, 0, 2, 3).contiguous()  # (C, F, H, W) in [-1, 1]
+
+    def _augment(self, raw: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> torch.Tensor:
+        """``raw`` resized to ``zoom`` × ``size`` (short side) and cropped to ``size`` at a random place (zoom > 1), or
+        the centre crop; maybe mirrored."""
+        th, tw = int(size[0]), int(size[1])
+        if self.cfg.random_zoom > 1.0:
+            zoom = float(rng.uniform(1.0, self.cfg.random_zoom))
+            h, w = raw.shape[1:3]
+            scale = zoom * max(th / h, tw / w)
+            x = resize_center_crop(raw, (max(th, round(h * scale)), max(tw, round(w * scale))))  # whole frame, resized
+            top = int(rng.integers(0, x.shape[-2] - th + 1))
+            left = int(rng.integers(0, x.shape[-1] - tw + 1))
+            x = x[..., top:top + th, left:left + tw]
+        else:
+            x = resize_center_crop(raw, size)
+        if self.cfg.random_flip and rng.random() < 0.5:
+            x = x.flip(-1)
+        return x.contiguous()
 
     def _text(self, index: int, epoch: int) -> str:
         text = self.items[index]["entry"].get("text", "")

@@ -3,7 +3,8 @@
 Recipe (EasyAnimate V2 ``autoencoder_kl_32x32x4_mag.yaml`` + ``LPIPSWithDiscriminator``, in our own code):
 
 - clips of ``train.vae.num_frames`` (9) frames, images as 1-frame clips, in [-1, 1]; a slice VAE
-  (``slice_compression_vae``, the official slice configs) takes clips of 1 + 8k frames (e.g. 17) instead;
+  (``slice_compression_vae``, the official slice configs) takes clips of 1 + 8k frames (e.g. 17) instead; with
+  ``train.vae.crop`` (ours) a step trains on one random window of the batch, validation on whole clips;
 - autoencoder loss = L1 (1.0) + L2 (0.1) + optional LPIPS (``perceptual_weight``, local weights) + KL (1e-6), see
   :mod:`easyanimate.train.losses` for the normalisation (and why V2's learned NLL log-variance is fixed at 0);
 - from optimizer step ``disc_start`` on, hinge GAN with a 2D PatchGAN on frames and a 3D discriminator on clips;
@@ -35,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import Config, DataConfig, VAETrainConfig
+from ..config import BUNDLED_DIR, BUNDLED_PREFIX, Config, DataConfig, VAETrainConfig, bundled_weights
 from ..data.dataset import VideoTextDataset, build_dataloader, load_train_validation, with_frame_rule
 from ..fsutil import replace_dir
 from ..models.autoencoder_magvit import AutoencoderKLMagvit
@@ -215,12 +217,24 @@ def _build_run(cfg: Config, data: Path, output: Path, accelerator, tracker) -> _
                 loader=loader, val_ds=val_ds)
 
 
+def vae_source(source: str) -> Path:
+    """``train.vae.init_from`` as a folder: ``bundled:<name>`` is a VAE that ships inside the package
+    (``easyanimate/presets/weights/<name>/``, e.g. the demo's, made by ``make demo-vae``), anything else a path."""
+    if not source.startswith(BUNDLED_PREFIX):
+        return Path(source)
+    name = source[len(BUNDLED_PREFIX):]
+    if name not in bundled_weights():
+        raise FileNotFoundError(f"train.vae.init_from={source!r}: expected one of "
+                                f"{[BUNDLED_PREFIX + n for n in bundled_weights()]} or a VAE folder")
+    return BUNDLED_DIR / name
+
+
 def build_vae(cfg: Config) -> AutoencoderKLMagvit:
     """``train.vae.init_from`` (a VAE folder, or a pipeline folder's ``vae/``), else ``model.vae`` shapes, random
     (seeded by ``model.init_seed`` without touching the global RNG)."""
     source = cfg.train.vae.init_from
     if source:
-        path = Path(source)
+        path = vae_source(source)
         if (path / "vae" / "config.json").is_file():
             path = path / "vae"
         if not (path / "config.json").is_file():
@@ -325,7 +339,7 @@ def train_step(run: _Run, batch: dict[str, Any], gan_on: bool) -> dict[str, floa
     """One autoencoder update, then (with the GAN on) one discriminator update; returns the step's scalars (with
     gradient accumulation: one micro-batch, the optimizers step on the last one of each group)."""
     acc, vcfg = run.accelerator, run.cfg.train.vae
-    x = batch["pixel_values"].to(acc.device)
+    x = random_crop(batch["pixel_values"], vcfg.crop, (run.cfg.data.seed, run.step)).to(acc.device)
     # autoencoder
     run.discs_raw.requires_grad_(False)  # the generator pass must not leave gradients in the discriminators
     with acc.autocast():
@@ -370,6 +384,19 @@ def train_step(run: _Run, batch: dict[str, Any], gan_on: bool) -> dict[str, floa
             metrics[f"logits_real_{name}"] = real.detach().float().mean().item()
             metrics[f"logits_fake_{name}"] = fake.detach().float().mean().item()
     return metrics
+
+
+def random_crop(x: torch.Tensor, size: int, seed: tuple[int, ...]) -> torch.Tensor:
+    """One ``size × size`` window of the batch ``x`` (``(B, C, F, H, W)``), the same for every clip, placed by
+    ``seed`` (the data seed and the step: a resumed run crops where it would have); ``x`` itself when ``size`` is 0
+    or covers the frame. A side smaller than ``size`` is kept whole."""
+    h, w = x.shape[-2:]
+    if size <= 0 or (size >= h and size >= w):
+        return x
+    rng = np.random.default_rng([int(s) for s in seed])
+    th, tw = min(size, h), min(size, w)
+    top, left = int(rng.integers(0, h - th + 1)), int(rng.integers(0, w - tw + 1))
+    return x[..., top:top + th, left:left + tw]
 
 
 def _clip(run: _Run, model: nn.Module) -> float:
@@ -489,5 +516,5 @@ def _save_final(run: _Run) -> Path:
     return final
 
 
-__all__ = ["Discriminators", "VAEWithPosterior", "build_optimizers", "build_perceptual", "build_scheduler",
-           "build_vae", "reconstruct", "train_step", "train_vae", "vae_data_config"]
+__all__ = ["Discriminators", "VAEWithPosterior", "build_optimizers", "build_perceptual", "build_scheduler", "build_vae",
+           "fitted_scaling_factor", "random_crop", "reconstruct", "train_step", "train_vae", "vae_data_config", "vae_source"]

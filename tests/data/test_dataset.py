@@ -207,6 +207,51 @@ def test_caption_dropout_train_only(media_root):
     assert VideoTextDataset(media_root / "meta.json", cfg, train=False)[i]["text"] == "A photo: coffee."
 
 
+def test_random_zoom_and_flip_augment_training_clips_only(media_root):
+    """data.random_zoom / random_flip: a random window of a zoomed frame, sometimes mirrored; the same draw for every
+    frame of a clip, a pure function of (seed, epoch, index); validation and the default stay the centre crop."""
+    meta = media_root / "meta.json"
+    plain = VideoTextDataset(meta, _cfg())
+    aug = VideoTextDataset(meta, _cfg(random_zoom=2.0, random_flip=True))
+    i = _index_of(plain, "images/astronaut.png")
+    centre = plain[i]["pixel_values"]
+    draws = []
+    for epoch in range(6):
+        aug.set_epoch(epoch)
+        x = aug[i]["pixel_values"]
+        assert x.shape == centre.shape and -1.0 <= x.min() and x.max() <= 1.0
+        draws.append(x)
+    assert all(not torch.allclose(x, centre, atol=1e-3) for x in draws)  # zoomed in: never the plain centre crop
+    assert len({round(float(x.sum()), 3) for x in draws}) == len(draws)  # another window every epoch
+    aug.set_epoch(3)
+    assert torch.equal(aug[i]["pixel_values"], draws[3])  # reproducible (a resumed run reads the same)
+    # a mirrored draw exists, and a flip-only dataset gives exactly the centre crop or its mirror image
+    flip = VideoTextDataset(meta, _cfg(random_flip=True))
+    seen = set()
+    for epoch in range(8):
+        flip.set_epoch(epoch)
+        x = flip[i]["pixel_values"]
+        if torch.equal(x, centre):
+            seen.add("plain")
+        else:
+            assert torch.equal(x, centre.flip(-1))
+            seen.add("mirrored")
+    assert seen == {"plain", "mirrored"}
+    # a video: one draw for all its frames (the whole clip mirrored or none of it)
+    j = _index_of(plain, "videos/bikes.mp4")
+    kinds = set()
+    for epoch in range(6):
+        plain.set_epoch(epoch)
+        flip.set_epoch(epoch)
+        clip, x = plain[j]["pixel_values"], flip[j]["pixel_values"]
+        assert torch.equal(x, clip) or torch.equal(x, clip.flip(-1))
+        kinds.add(torch.equal(x, clip))
+    assert kinds == {True, False}
+    # validation is never augmented
+    val = VideoTextDataset(meta, _cfg(random_zoom=2.0, random_flip=True), train=False)
+    assert torch.equal(val[i]["pixel_values"], VideoTextDataset(meta, _cfg(), train=False)[i]["pixel_values"])
+
+
 # --- batches ----------------------------------------------------------------------------------------------------------
 
 

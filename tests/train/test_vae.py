@@ -352,3 +352,23 @@ def test_vae_steps_of_its_own_and_a_fitted_latent_scale(vae_meta, tmp_path, one_
                            for i in range(len(train_ds))])
     assert float((means * scale).std()) == pytest.approx(1.0, rel=1e-3)
     assert abs(float((means * 0.18215).std()) - 1.0) > 0.05
+
+
+def test_random_crop_is_one_reproducible_window_of_the_whole_batch():
+    """train.vae.crop: each step trains on one crop × crop window, the same place for every clip of the batch, drawn
+    from (data seed, step) so a resumed run crops where it would have; 0 or a crop that covers the frame = no crop."""
+    from easyanimate.train.vae import random_crop
+
+    x = torch.arange(2 * 3 * 9 * 64 * 48, dtype=torch.float32).reshape(2, 3, 9, 64, 48)
+    a = random_crop(x, 32, (42, 7))
+    assert a.shape == (2, 3, 9, 32, 32)
+    assert torch.equal(a, random_crop(x, 32, (42, 7)))
+    # one window: the crop is a contiguous block of x at the same offset in every clip, channel and frame
+    top = int((a[0, 0, 0, 0, 0] // 48) % 64)
+    left = int(a[0, 0, 0, 0, 0] % 48)
+    assert torch.equal(a, x[..., top:top + 32, left:left + 32])
+    places = {tuple(random_crop(x, 32, (42, step))[0, 0, 0, 0, 0:1].tolist()) for step in range(20)}
+    assert len(places) > 10  # the window moves from step to step
+    assert random_crop(x, 0, (42, 7)) is x and random_crop(x, 64, (42, 7)) is x
+    narrow = random_crop(x, 56, (1, 2))  # wider than the 48 px side: that side is kept whole
+    assert narrow.shape[-2:] == (56, 48)
