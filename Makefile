@@ -23,7 +23,7 @@ demo: setup
 	GRADIO_ANALYTICS_ENABLED=False $(VENV)/bin/easyanimate demo --out outputs/demo
 
 # Re-make the VAE the demo starts from (easyanimate/presets/weights/demo_vae, `train.vae.init_from: bundled:demo_vae`)
-# on the training split of the last `make demo` run's dataset: bench/demo_vae.py, about 30 min on 2 cores, resumable.
+# on the training split of the last `make demo` run's dataset: bench/demo_vae.py, about 45 min on 2 cores, resumable.
 demo-vae: setup
 	@data=$$(ls -d outputs/demo/kfp/*/merge/dataset 2>/dev/null | tail -1); \
 	test -n "$$data" || { echo "error: expected a dataset from 'make demo' under outputs/demo/kfp, found none" >&2; exit 2; }; \

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="the demo's dataset folder (meta.json inside): easyanimate preprocess")
     p.add_argument("--work", default="outputs/demo_vae", help="checkpoint and report folder")
     p.add_argument("--out", default=str(BUNDLED_DIR / "demo_vae"), help="where the trained VAE folder goes")
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=6500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
