@@ -292,8 +292,15 @@ class TextEmbeddingCache:
 
 
 def load_pipeline(cfg: Config, device: torch.device):
-    """The pipeline of ``cfg.model``; the transformer trains in float32 (master weights), VAE/text encoder frozen."""
+    """The pipeline of ``cfg.model``; the transformer trains in float32 (master weights), VAE/text encoder frozen.
+    A fresh pipeline (no ``model.pretrained``) takes its VAE from ``train.vae.init_from`` when set (the demo preset's
+    ``bundled:demo_vae``): a DiT run without a VAE stage trains on the VAE the config starts from, not on random
+    weights."""
     pipe = build_pipeline(cfg.model, sampler=cfg.generate.sampler)
+    if not cfg.model.pretrained and cfg.train.vae.init_from:
+        from .vae import build_vae
+
+        pipe.register_modules(vae=build_vae(cfg).to(pipe.vae.dtype))
     if pipe.transformer.config.in_channels != pipe.vae.config.latent_channels:
         raise ValueError(f"transformer in_channels={pipe.transformer.config.in_channels} but the VAE has "
                          f"{pipe.vae.config.latent_channels} latent channels")

@@ -82,15 +82,23 @@ def _rows(folder: Path) -> list[dict]:
 def test_the_bundled_vae_is_what_the_demo_preset_starts_from():
     from safetensors.torch import load_file
 
+    from easyanimate.train.dit import load_pipeline
     from easyanimate.train.vae import build_vae
 
     cfg = load_config("demo")
     assert cfg.train.vae.init_from == "bundled:demo_vae"
     shipped = load_file(str(BUNDLED_DIR / "demo_vae" / "diffusion_pytorch_model.safetensors"))
-    vae = build_vae(cfg)
-    assert vae.config.latent_channels == cfg.model.vae.latent_channels
-    for name, value in vae.state_dict().items():
-        assert torch.equal(value, shipped[name]), name
+    shipped_scale = json.loads((BUNDLED_DIR / "demo_vae" / "config.json").read_text())["scaling_factor"]
+    # the VAE stage starts from it, and a DiT run without a VAE stage trains on it (not on random VAE weights)
+    for vae in (build_vae(cfg), load_pipeline(cfg, torch.device("cpu")).vae):
+        assert vae.config.latent_channels == cfg.model.vae.latent_channels
+        assert vae.config.scaling_factor == shipped_scale != 0.18215  # its fitted latent scale, kept
+        for name, value in vae.state_dict().items():
+            assert torch.equal(value, shipped[name]), name
+    # the tiny preset names no VAE to start from: its fresh pipeline keeps the random VAE of model.vae's shapes
+    tiny = load_config("tiny")
+    assert not tiny.train.vae.init_from
+    assert load_pipeline(tiny, torch.device("cpu")).vae.config.latent_channels == tiny.model.vae.latent_channels
     with pytest.raises(Exception, match=r"bundled:demo_vae"):  # an unknown name lists the shipped ones
         load_config("demo", ["train.vae.init_from=bundled:nope"])
 
