@@ -34,7 +34,7 @@ from easyanimate.config import BUNDLED_DIR, load_config
 from easyanimate.data.dataset import load_train_validation
 from easyanimate.fsutil import replace_dir
 from easyanimate.train.losses import kl_loss, psnr, reconstruction_loss
-from easyanimate.train.vae import build_vae, fitted_scaling_factor, random_crop, vae_data_config
+from easyanimate.train.vae import build_vae, fitted_scaling_factor, random_crop, reconstruct, vae_data_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,7 +87,7 @@ def as_clip(x: torch.Tensor, frames: int) -> torch.Tensor:
 @torch.no_grad()
 def held_out_psnr(vae, clips: list[torch.Tensor]) -> float:
     vae.eval()
-    values = [psnr(x, vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)) for x in clips]
+    values = [psnr(x, reconstruct(vae, x)) for x in clips]
     vae.train()
     return float(np.mean(values))
 
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config("demo", ["train.vae.init_from=", f"data.random_zoom={args.zoom}", "data.random_flip=true"])
     data = Path(args.data)
-    dcfg = dataclasses.replace(vae_data_config(cfg, build_vae(cfg)), num_frames=cfg.train.vae.num_frames)
+    vae = build_vae(cfg)  # model.vae's shapes, seeded by model.init_seed
+    dcfg = dataclasses.replace(vae_data_config(cfg, vae), num_frames=cfg.train.vae.num_frames)
     train_ds, val_ds = load_train_validation(dcfg, data / "meta.json", data)
     if val_ds is None:
         raise SystemExit(f"error: {data / 'meta.json'} has no held-out clips (data.validation_count); nothing to "
@@ -112,7 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = [val_ds[i]["pixel_values"][None] for i in range(len(val_ds))]
 
     torch.manual_seed(args.seed)
-    vae = build_vae(cfg)
     vae.train()
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr, betas=(cfg.train.vae.adam_beta1, cfg.train.vae.adam_beta2))
     from diffusers.optimization import get_scheduler

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import BUNDLED_DIR, BUNDLED_PREFIX, Config, DataConfig, VAETrainConfig, bundled_weights
+from ..config import BUNDLED_DIR, BUNDLED_PREFIX, Config, DataConfig, VAETrainConfig
 from ..data.dataset import VideoTextDataset, build_dataloader, load_train_validation, with_frame_rule
 from ..fsutil import replace_dir
 from ..models.autoencoder_magvit import AutoencoderKLMagvit
@@ -222,11 +222,7 @@ def vae_source(source: str) -> Path:
     (``easyanimate/presets/weights/<name>/``, e.g. the demo's, made by ``make demo-vae``), anything else a path."""
     if not source.startswith(BUNDLED_PREFIX):
         return Path(source)
-    name = source[len(BUNDLED_PREFIX):]
-    if name not in bundled_weights():
-        raise FileNotFoundError(f"train.vae.init_from={source!r}: expected one of "
-                                f"{[BUNDLED_PREFIX + n for n in bundled_weights()]} or a VAE folder")
-    return BUNDLED_DIR / name
+    return BUNDLED_DIR / source[len(BUNDLED_PREFIX):]  # an unknown name: the config check (or build_vae) says so
 
 
 def build_vae(cfg: Config) -> AutoencoderKLMagvit:
